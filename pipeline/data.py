@@ -1,0 +1,233 @@
+"""Local JSONL/CSV datasets -> tokenized examples -> padded batches, for three task kinds.
+
+One interface for all kinds: `load_split` reads and validates a file,
+`tokenize_split` turns rows into `input_ids` / `labels` per the task kind, and
+`make_batches` + `collate` produce what the model consumes. Classification labels
+are class ids; causal-LM labels are token ids with the prompt masked to -100 so
+the loss covers the response only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.config import (
+    ALPACA_PROMPT,
+    ClassificationData,
+    ConfigError,
+    DataToTextData,
+    InstructionData,
+)
+
+IGNORE_INDEX = -100
+DataSpec = ClassificationData | InstructionData | DataToTextData
+
+
+def required_columns(spec: DataSpec) -> dict[str, type | tuple[type, ...]]:
+    """Column name -> accepted Python type(s) for the task kind."""
+    match spec:
+        case ClassificationData():
+            cols: dict[str, Any] = {spec.text_field: str, spec.label_field: int}
+            if spec.text_pair_field:
+                cols[spec.text_pair_field] = str
+            return cols
+        case InstructionData():
+            cols = {spec.instruction_field: str, spec.response_field: str}
+            if spec.input_field:
+                cols[spec.input_field] = (str, type(None))
+            return cols
+        case DataToTextData():
+            return {spec.source_field: str, spec.target_field: str}
+    raise TypeError(f"unknown data spec {spec!r}")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Read a local JSONL/JSON/CSV file with `datasets` (no hub access) into a list of dicts."""
+    import datasets
+
+    builder = "csv" if path.suffix.lower() == ".csv" else "json"
+    datasets.disable_progress_bars()
+    dataset = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    return dataset.to_list()
+
+
+def check_rows(rows: list[dict[str, Any]], spec: DataSpec, split: str, path: Path) -> list[str]:
+    """Every problem with `rows` for this task kind: missing columns, wrong types, bad labels, emptiness."""
+    where = f"data.{split}_path ({path})"
+    if not rows:
+        return [f"{where}: the file has no rows; point it at a non-empty dataset"]
+    problems = []
+    present = set(rows[0])
+    for column, kinds in required_columns(spec).items():
+        if column not in present:
+            field = _field_naming(spec, column)
+            problems.append(
+                f"{where}: missing column {column!r} (columns present: {sorted(present)}); "
+                f"set data.{field} to one of them"
+            )
+    if problems:
+        return problems
+    for column, kinds in required_columns(spec).items():
+        for index, row in enumerate(rows):
+            value = row.get(column)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                problems.append(
+                    f"{where}: row {index}: column {column!r} must be {_type_names(kinds)}, got {value!r}"
+                )
+                break
+    if isinstance(spec, ClassificationData) and not problems:
+        for index, row in enumerate(rows):
+            label = row[spec.label_field]
+            if not 0 <= label < spec.num_labels:
+                problems.append(
+                    f"{where}: row {index}: label {label} outside [0, {spec.num_labels}); "
+                    "fix the row or data.num_labels"
+                )
+                break
+    text_columns = [c for c, k in required_columns(spec).items() if k is str]
+    empty = [i for i, row in enumerate(rows) if all(not str(row.get(c) or "").strip() for c in text_columns)]
+    if len(empty) == len(rows):
+        problems.append(f"{where}: all {len(rows)} rows have empty text; nothing to train on")
+    return problems
+
+
+def _field_naming(spec: DataSpec, column: str) -> str:
+    for name, value in spec.model_dump().items():
+        if name.endswith("_field") and value == column:
+            return name
+    return "<field>"
+
+
+def _type_names(kinds: type | tuple[type, ...]) -> str:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def load_split(spec: DataSpec, split: str, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of `split` ("train" or "eval"), validated, subsampled as the spec says (seeded)."""
+    path = spec.train_path if split == "train" else spec.eval_path
+    if not path.is_file():
+        raise ConfigError([f"data.{split}_path: file {str(path)!r} not found"])
+    rows = read_rows(path)
+    problems = check_rows(rows, spec, split, path)
+    if problems:
+        raise ConfigError(problems)
+    limit = spec.max_train_examples if split == "train" else spec.max_eval_examples
+    if limit is not None and limit < len(rows):
+        # a seeded random subset, not the head: GLUE files are ordered
+        rows = random.Random(seed).sample(rows, limit)
+    return rows
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int] | int
+    untruncated_length: int
+
+
+def _causal_prompt_and_target(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> tuple[str, str]:
+    match spec:
+        case InstructionData():
+            extra = (row.get(spec.input_field) or "").strip() if spec.input_field else ""
+            prompt = ALPACA_PROMPT.format(
+                input_clause=", paired with an input that provides further context" if extra else "",
+                instruction=row[spec.instruction_field].strip(),
+                input_block=f"### Input:\n{extra}\n\n" if extra else "",
+            )
+            return prompt, row[spec.response_field]
+        case DataToTextData():
+            return spec.prompt_template.format(source=row[spec.source_field]), row[spec.target_field]
+    raise TypeError(f"not a causal task: {spec!r}")
+
+
+def tokenize_rows(spec: DataSpec, rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[Example]:
+    """Tokenize rows per task kind, truncating to `spec.max_seq_len`."""
+    max_len = spec.max_seq_len
+    examples = []
+    if isinstance(spec, ClassificationData):
+        texts = [row[spec.text_field] for row in rows]
+        pairs = [row[spec.text_pair_field] for row in rows] if spec.text_pair_field else None
+        encoded = tokenizer(texts, pairs, truncation=False, add_special_tokens=True)["input_ids"]
+        for row, ids in zip(rows, encoded):
+            examples.append(Example(ids[: max_len - 1] + ids[-1:] if len(ids) > max_len else ids,
+                                    int(row[spec.label_field]), len(ids)))
+        return examples
+    eos = tokenizer.eos_token or ""
+    for row in rows:
+        prompt, target = _causal_prompt_and_target(spec, row)
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        target_ids = tokenizer(target + eos, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + target_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        examples.append(Example(ids[:max_len], labels[:max_len], len(ids)))
+    return examples
+
+
+def truncated_fraction(examples: Sequence[Example], max_seq_len: int) -> float:
+    if not examples:
+        return 0.0
+    return sum(e.untruncated_length > max_seq_len for e in examples) / len(examples)
+
+
+def make_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    bucketing: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[list[int]]:
+    """Index batches for one epoch on one rank.
+
+    With bucketing, examples are sorted by length before slicing into batches so
+    each batch pads little, then the batch order is shuffled. Every rank gets the
+    same number of batches (DDP needs equal step counts); the remainder is dropped.
+    """
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if bucketing:
+        # shuffle first so equal lengths are not always batched in file order
+        rng.shuffle(order)
+        order.sort(key=lambda i: lengths[i])
+    elif shuffle:
+        rng.shuffle(order)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    per_rank = len(batches) // world_size if world_size > 1 else len(batches)
+    return batches[rank::world_size][:per_rank]
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int, world_size: int) -> int:
+    batches = math.ceil(num_examples / batch_size)
+    per_rank = batches // world_size if world_size > 1 else batches
+    return max(1, per_rank // grad_accum)
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example; token labels are padded with -100."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    token_labels = not isinstance(examples[0].labels, int)
+    labels = (
+        torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        if token_labels
+        else torch.tensor([e.labels for e in examples], dtype=torch.long)
+    )
+    for i, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[i, :n] = torch.tensor(example.input_ids)
+        attention_mask[i, :n] = 1
+        if token_labels:
+            labels[i, :n] = torch.tensor(example.labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,152 @@
+"""The whole pipeline in order: validate -> Ray -> sweep -> register -> evaluate -> report.
+
+`run_pipeline` is what `loraforge run` and `jobs/sweep.py` call. Everything that
+can be checked is checked before Ray starts a worker; once the MLflow parent run
+exists, any failure marks it FAILED before the error propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import evaluate, preflight, report, sweep, tracking
+from pipeline.config import ExperimentConfig
+
+log = logging.getLogger("loraforge")
+
+# Faster failure detection and trial turnover than Ray's defaults (2 s polling);
+# set before Ray starts so the controller and workers inherit it.
+_RAY_ENV_DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+@dataclass
+class PipelineResult:
+    sweep: sweep.SweepResult
+    parent_run_id: str
+    model_name: str
+    model_version: str
+    model_uri: str
+    eval_metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+
+
+def connect_ray(config: ExperimentConfig) -> None:
+    """Join `ray.address` (RAY_ADDRESS already folded into the config) or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in _RAY_ENV_DEFAULTS if k in os.environ}
+    runtime_env = {"env_vars": env_vars}
+    if config.ray.address:
+        ray.init(address=config.ray.address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # the dashboard serves the state API, which Ray Train V2 uses to clean up
+        # finished trials' placement groups; without it later trials wait forever
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, log_to_driver=True)
+
+
+def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None) -> PipelineResult:
+    """Run sweep -> train -> track -> register -> evaluate for `config`; raises ConfigError before any work."""
+    for key, value in _RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+    trial_configs = sweep.candidate_configs(config)
+    data_summary = preflight.check(config, trial_configs)
+    experiment_id = tracking.preflight(config.tracking.tracking_uri, config.tracking.experiment_name)
+    connect_ray(config)
+    concurrency = sweep.plan_concurrency(trial_configs, sweep.cluster_resources(), config.sweep.max_concurrent_trials)
+    trial_count = config.sweep.trial_count()
+    log.info("sweep %s: %d trials, %d at a time, %d training rows", config.name, trial_count, concurrency, data_summary.train_rows)
+
+    mlflow_client = tracking.client(config.tracking.tracking_uri)
+    parent_run_id = tracking.start_parent_run(mlflow_client, experiment_id, config, trial_count)
+    try:
+        result = _run_stages(config, mlflow_client, experiment_id, parent_run_id, data_summary, concurrency, reports_dir)
+    except BaseException:
+        mlflow_client.set_terminated(parent_run_id, status="FAILED")
+        raise
+    mlflow_client.set_terminated(parent_run_id, status="FINISHED")
+    return result
+
+
+def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str, parent_run_id: str,
+                data_summary: preflight.DataSummary, concurrency: int, reports_dir: Path | None) -> PipelineResult:
+    sweep_result = sweep.run_sweep(
+        config, experiment_id=experiment_id, parent_run_id=parent_run_id,
+        num_train_examples=data_summary.train_rows, concurrency=concurrency,
+    )
+    best = sweep_result.best
+    metric = config.sweep.metric
+    model_name, alias = config.tracking.registered_model_name, config.tracking.alias
+    version = tracking.register_adapter(
+        mlflow_client, model_name, best.run_id, alias,
+        tags={"loraforge.experiment": config.name, "loraforge.sweep_run_id": parent_run_id,
+              "loraforge.trial": best.trial_name, metric: f"{best.best_metric:.6f}"},
+    )
+    model_uri = f"models:/{model_name}@{alias}"
+
+    # evaluate what the registry serves, not what is in memory
+    evaluation = evaluate.evaluate_registered_remote(config, model_name, alias)
+    eval_metrics = evaluation["metrics"]
+    from mlflow.entities import Metric
+
+    mlflow_client.log_batch(parent_run_id, metrics=[
+        Metric(f"registered_{k}", float(v), 0, 0) for k, v in eval_metrics.items()
+    ])
+    for key, value in eval_metrics.items():
+        mlflow_client.set_model_version_tag(model_name, version.version, f"eval.{key}", f"{value:.6f}")
+    mlflow_client.set_tag(parent_run_id, "loraforge.registered_model_uri", f"models:/{model_name}/{version.version}")
+
+    rows = report.trial_rows(sweep_result.trials, config)
+    report.print_table(rows, title=f"{config.name}: {len(rows)} trials ({config.sweep.scheduler}, {sweep_result.wall_s:.0f} s)")
+    _write_report(config, mlflow_client, parent_run_id, sweep_result, rows, eval_metrics, model_uri, version.version, reports_dir)
+    return PipelineResult(sweep_result, parent_run_id, model_name, str(version.version), model_uri, eval_metrics, rows)
+
+
+def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: str, sweep_result: sweep.SweepResult,
+                  rows: list[dict[str, Any]], eval_metrics: dict[str, float], model_uri: str, version: str,
+                  reports_dir: Path | None) -> None:
+    metric = config.sweep.metric
+    histories = {}
+    for trial in sweep_result.trials:
+        if trial.run_id:
+            history = mlflow_client.get_metric_history(trial.run_id, metric)
+            histories[trial.trial_name] = [(m.step, m.value) for m in history]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        report.learning_curves_png(histories, metric, out / "learning_curves.png")
+        lines = [
+            f"# {config.name}",
+            "",
+            f"Winner: {sweep_result.best.trial_name}, registered as `{model_uri}` (version {version}).",
+            "",
+            "Registered adapter, loaded back from the registry, on the full eval set:",
+            "",
+            *(f"- {k}: {v:.4f}" for k, v in eval_metrics.items()),
+            "",
+            "## Trials",
+            "",
+            report.markdown_table(rows),
+            "",
+            "![learning curves](learning_curves.png)",
+        ]
+        (out / "report.md").write_text("\n".join(lines) + "\n")
+        mlflow_client.log_artifacts(parent_run_id, str(out), "report")
+        if reports_dir is not None:
+            reports_dir.mkdir(parents=True, exist_ok=True)
+            for item in out.iterdir():
+                (reports_dir / item.name).write_bytes(item.read_bytes())

@@ -1,0 +1,334 @@
+"""The sweep: search space, per-trial driver function, resources, and the Tuner over them.
+
+Ray's three layers (Train V2): `train_fn_per_worker` (pipeline.train) runs on
+each worker; `run_trial` is the Tune function trainable that builds a
+`TorchTrainer` for one sampled config and reports through `TuneReportCallback`;
+`run_sweep` builds the `Tuner`. Concurrency comes from the cluster's real
+resources so trials x workers never oversubscribe it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import data, tracking
+from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
+
+# The trial's own actor only builds a trainer and waits; it gets no CPU so that all
+# CPUs go to train workers. Ray refuses an empty bundle, hence a token of memory.
+TRIAL_ACTOR_RESOURCES = {"CPU": 0, "memory": 1024 * 1024}
+
+
+class SweepError(RuntimeError):
+    """The sweep ran but produced nothing usable (every trial failed, metric never reported)."""
+
+
+def _key(path: str) -> str:
+    # Tune flattens nested config keys with "/"; dots stay inside one key
+    return path.replace(".", "__")
+
+
+def _path(key: str) -> str:
+    return key.replace("__", ".")
+
+
+def tune_domain(domain: ParamDomain) -> Any:
+    from ray import tune
+
+    match domain.kind:
+        case "grid":
+            return tune.grid_search(domain.grid)
+        case "choice":
+            return tune.choice(domain.choice)
+        case "uniform":
+            return tune.uniform(*domain.uniform)
+        case "loguniform":
+            return tune.loguniform(*domain.loguniform)
+        case "randint":
+            return tune.randint(*domain.randint)
+    raise ValueError(domain.kind)
+
+
+def reports_per_trial(config: ExperimentConfig, num_train_examples: int) -> int:
+    """How many times a full trial reports (ASHA's max_t in `training_iteration` units)."""
+    train = config.train
+    n = min(num_train_examples, config.data.max_train_examples or num_train_examples)
+    total_steps = data.steps_per_epoch(n, train.batch_size, train.grad_accum, train.num_workers) * train.epochs
+    return math.ceil(total_steps / train.eval_every_steps)
+
+
+def candidate_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
+    """Every trial config a finite search space can produce (bounds for continuous domains)."""
+    axes = []
+    for path, domain in config.sweep.parameters.items():
+        values = getattr(domain, domain.kind)
+        axes.append([(path, v) for v in values])
+    return [config.trial_config(dict(combo)) for combo in itertools.product(*axes)] or [config.trial_config({})]
+
+
+@dataclass
+class Resources:
+    cpus: float
+    gpus: float
+    max_node_cpus: float
+    max_node_gpus: float
+
+
+def cluster_resources() -> Resources:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return Resources(
+        cpus=sum(n["Resources"].get("CPU", 0) for n in nodes),
+        gpus=sum(n["Resources"].get("GPU", 0) for n in nodes),
+        max_node_cpus=max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
+        max_node_gpus=max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
+    )
+
+
+def plan_concurrency(configs: list[ExperimentConfig], resources: Resources, requested: int | None) -> int:
+    """Trials that fit at once; ConfigError naming the numbers when one trial cannot fit at all."""
+    problems = []
+    fits = []
+    for cfg in configs:
+        t = cfg.train
+        if t.cpus_per_worker > resources.max_node_cpus:
+            problems.append(
+                f"train.cpus_per_worker={t.cpus_per_worker} but the largest node has {resources.max_node_cpus:g} CPUs"
+            )
+        if t.gpus_per_worker > 0 and t.gpus_per_worker > resources.max_node_gpus:
+            problems.append(
+                f"train.gpus_per_worker={t.gpus_per_worker:g} but the largest node has {resources.max_node_gpus:g} GPUs"
+            )
+        cpu_need = t.num_workers * t.cpus_per_worker
+        gpu_need = t.num_workers * t.gpus_per_worker
+        if cpu_need > resources.cpus:
+            problems.append(
+                f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker} = {cpu_need} CPUs per trial, "
+                f"but the cluster has {resources.cpus:g}; lower num_workers or cpus_per_worker"
+            )
+        if gpu_need > resources.gpus:
+            problems.append(
+                f"train.num_workers={t.num_workers} x train.gpus_per_worker={t.gpus_per_worker:g} = {gpu_need:g} GPUs per trial, "
+                f"but the cluster has {resources.gpus:g}; lower num_workers or gpus_per_worker"
+            )
+        by_cpu = resources.cpus // cpu_need
+        by_gpu = resources.gpus // gpu_need if gpu_need else by_cpu
+        fits.append(int(min(by_cpu, by_gpu)))
+    if problems:
+        raise ConfigError(sorted(set(problems)))
+    concurrent = max(1, min(fits))
+    if requested is not None:
+        if requested > concurrent:
+            raise ConfigError([
+                f"sweep.max_concurrent_trials={requested} but only {concurrent} trial(s) fit in the cluster at once "
+                f"({resources.cpus:g} CPUs, {resources.gpus:g} GPUs); lower it or leave it unset"
+            ])
+        concurrent = requested
+    return concurrent
+
+
+def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
+    """Tune function trainable: one trial = one Ray Train run of the sampled config.
+
+    `tune_config` holds only what the searcher sampled; `setup` (the experiment and
+    where to track it) is the same for every trial and travels via the object store.
+    """
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train import train_fn_per_worker
+
+    experiment = ExperimentConfig.model_validate(setup["experiment"])
+    sampled = {_path(k): v for k, v in tune_config.items()}
+    config = experiment.trial_config(sampled)
+    context = tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+
+    mlflow_client = tracking.client(config.tracking.tracking_uri)
+    run_id = tracking.find_trial_run(mlflow_client, setup["experiment_id"], setup["parent_run_id"], trial_id)
+    if run_id is None:
+        run_id = tracking.start_trial_run(
+            mlflow_client, setup["experiment_id"], setup["parent_run_id"], trial_id, trial_name, config, sampled
+        )
+    train = config.train
+    resources_per_worker = {"CPU": train.cpus_per_worker}
+    if train.gpus_per_worker:
+        resources_per_worker["GPU"] = train.gpus_per_worker
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"experiment": config.model_dump(mode="json"), "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.gpus_per_worker > 0, resources_per_worker=resources_per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            # names come from the trial id so a restored sweep finds the same Train run
+            name=f"train-{trial_id}",
+            storage_path=setup["train_storage_path"],
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute=experiment.sweep.metric,
+                checkpoint_score_order=experiment.sweep.mode,
+            ),
+        ),
+    )
+    trainer.fit()
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    trial_name: str
+    sampled: dict[str, Any]
+    status: str = "RUNNING"
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    last_result: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    started: float = field(default_factory=time.time)
+    wall_s: float = 0.0
+    error: str | None = None
+
+
+def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, max_t: int) -> Any:
+    from ray.train import Checkpoint
+    from ray.tune import Callback
+
+    metric, mode = config.sweep.metric, config.sweep.mode
+
+    class TrialRunCallback(Callback):
+        """Driver side: track each trial's best checkpoint; close its MLflow run with the adapter attached."""
+
+        def __init__(self) -> None:
+            self.trials: dict[str, TrialSummary] = {}
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            sampled = {_path(k): v for k, v in trial.config.items()}
+            self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), sampled))
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            summary = self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), {}))
+            summary.last_result = dict(result)
+            value = result.get(metric)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                return
+            better = summary.best_metric is None or (value > summary.best_metric if mode == "max" else value < summary.best_metric)
+            if better:
+                summary.best_metric = float(value)
+                summary.best_checkpoint = result.get("checkpoint_path") or summary.best_checkpoint
+
+        def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
+            summary = self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), {}))
+            summary.wall_s = time.time() - summary.started
+            summary.error = error
+            mlflow_client = tracking.client(config.tracking.tracking_uri)
+            summary.run_id = tracking.find_trial_run(mlflow_client, experiment_id, parent_run_id, trial.trial_id)
+            early = summary.last_result.get("training_iteration", 0) < max_t and status == "FINISHED"
+            summary.status = "STOPPED" if early else ("ERROR" if status == "FAILED" else "DONE")
+            if summary.run_id is None:
+                return
+            mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
+            best = {metric: summary.best_metric} if summary.best_metric is not None else {}
+            best["wall_time_s"] = summary.wall_s
+            if summary.best_checkpoint and status == "FINISHED":
+                with Checkpoint(summary.best_checkpoint).as_directory() as adapter_dir:
+                    tracking.finish_trial_run(mlflow_client, summary.run_id, status, Path(adapter_dir), best)
+            else:
+                if error:
+                    mlflow_client.set_tag(summary.run_id, "loraforge.error", error[:5000])
+                tracking.finish_trial_run(mlflow_client, summary.run_id, status, None, best)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._finish(trial, "FINISHED")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            error = None
+            if getattr(trial, "error_file", None) and Path(trial.error_file).is_file():
+                error = Path(trial.error_file).read_text(errors="replace")[-5000:]
+            self._finish(trial, "FAILED", error)
+
+    return TrialRunCallback()
+
+
+def unique_run_name(storage_path: Path, name: str) -> str:
+    """`name`, or `name-2`, `name-3` ... if an earlier sweep already used it (never silently reuse state)."""
+    if not (storage_path / name).exists():
+        return name
+    for n in itertools.count(2):
+        if not (storage_path / f"{name}-{n}").exists():
+            return f"{name}-{n}"
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class SweepResult:
+    run_name: str
+    trials: list[TrialSummary]
+    best: TrialSummary
+    wall_s: float
+
+
+def run_sweep(
+    config: ExperimentConfig, *, experiment_id: str, parent_run_id: str, num_train_examples: int, concurrency: int
+) -> SweepResult:
+    """Run every trial of the sweep under Tune and return their summaries, best first by the metric."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sweep = config.sweep
+    max_t = max(reports_per_trial(c, num_train_examples) for c in candidate_configs(config))
+    match sweep.scheduler:
+        case "asha":
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration", max_t=max_t,
+                grace_period=min(sweep.asha.grace_period, max_t), reduction_factor=sweep.asha.reduction_factor,
+            )
+        case "fifo":
+            scheduler = FIFOScheduler()
+    search_alg = None
+    if sweep.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=config.train.seed)
+
+    storage_path = config.ray.storage_path
+    storage_path.mkdir(parents=True, exist_ok=True)
+    run_name = unique_run_name(storage_path, config.name)
+    callback = _make_callback(config, experiment_id, parent_run_id, max_t)
+    setup = {
+        "experiment": config.model_dump(mode="json"),
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "train_storage_path": str(storage_path / run_name / "train"),
+    }
+    param_space = {_key(path): tune_domain(domain) for path, domain in sweep.parameters.items()}
+    started = time.time()
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_ACTOR_RESOURCES),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, search_alg=search_alg,
+            num_samples=sweep.num_samples, max_concurrent_trials=concurrency,
+            trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
+            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(name=run_name, storage_path=str(storage_path), callbacks=[callback], verbose=1),
+    )
+    tuner.fit()
+    trials = list(callback.trials.values())
+    scored = [t for t in trials if t.best_metric is not None and t.best_checkpoint and t.status != "ERROR"]
+    if not scored:
+        errors = "; ".join(f"{t.trial_name}: {(t.error or t.status).strip().splitlines()[-1]}" for t in trials)
+        raise SweepError(f"no trial reported {sweep.metric!r} with a checkpoint ({errors or 'no trials ran'})")
+    reverse = sweep.mode == "max"
+    scored.sort(key=lambda t: t.best_metric, reverse=reverse)
+    ordered = scored + [t for t in trials if t not in scored]
+    return SweepResult(run_name=run_name, trials=ordered, best=scored[0], wall_s=time.time() - started)
