@@ -291,6 +291,9 @@ class SweepSpec(StrictModel):
         None, gt=0, description="Default: as many as the cluster's CPUs/GPUs hold at once."
     )
     max_trials: int = Field(64, gt=0, description="Refuse sweeps with more trials than this.")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop the sweep after this many seconds; the best checkpoint so far wins."
+    )
 
     @model_validator(mode="after")
     def _searcher_domains(self) -> "SweepSpec":

@@ -51,9 +51,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """Read a local JSONL/JSON/CSV file with `datasets` (no hub access) into a list of dicts."""
     import datasets
 
+    if not path.read_bytes().strip():
+        return []
     builder = "csv" if path.suffix.lower() == ".csv" else "json"
     datasets.disable_progress_bars()
-    dataset = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as err:  # any parse failure is the file's fault: say which file
+        raise ValueError(f"cannot read {path} as {builder.upper()}: {err.__class__.__name__}: {err}") from None
     return dataset.to_list()
 
 
@@ -114,7 +119,10 @@ def load_split(spec: DataSpec, split: str, seed: int = 0) -> list[dict[str, Any]
     path = spec.train_path if split == "train" else spec.eval_path
     if not path.is_file():
         raise ConfigError([f"data.{split}_path: file {str(path)!r} not found"])
-    rows = read_rows(path)
+    try:
+        rows = read_rows(path)
+    except ValueError as err:
+        raise ConfigError([f"data.{split}_path: {err}"]) from None
     problems = check_rows(rows, spec, split, path)
     if problems:
         raise ConfigError(problems)

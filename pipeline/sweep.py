@@ -316,7 +316,7 @@ def run_sweep(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, search_alg=search_alg,
-            num_samples=sweep.num_samples, max_concurrent_trials=concurrency,
+            num_samples=sweep.num_samples, max_concurrent_trials=concurrency, time_budget_s=sweep.time_budget_s,
             trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
         ),

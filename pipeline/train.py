@@ -11,6 +11,7 @@ forwards them to Tune (ASHA decides from them).
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,21 @@ import torch
 from pipeline import adapters, benchmarks, data, tracking
 from pipeline.config import ExperimentConfig
 from pipeline.strategies import strategy_for
+
+
+class _LineWriter:
+    """File-like that turns tqdm's carriage-return redraws into whole lines."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def _all_reduce_sum(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -71,7 +87,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """One worker of one trial. `loop_config` = {"experiment": config dict, "mlflow_run_id": str | None}."""
     import ray.train
     import ray.train.torch
-    from ray.experimental.tqdm_ray import tqdm
+    from tqdm import tqdm
     from transformers import get_scheduler
 
     config = ExperimentConfig.model_validate(loop_config["experiment"])
@@ -117,7 +133,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         "num_labels": getattr(config.data, "num_labels", None), "trainable_params": trainable,
         "lora": config.lora.model_dump(), "experiment": config.name,
     }
-    progress = tqdm(total=total_steps, desc=f"{config.name} r={config.lora.r}", position=0) if rank == 0 else None
+    progress = None
+    if rank == 0:
+        # one plain line per refresh: Ray forwards worker output line by line, and a trial
+        # that ASHA stops is killed, so a redrawn bar would be left dangling in the driver
+        progress = tqdm(total=total_steps, desc=f"r={config.lora.r} {'+'.join(config.lora.target_modules)}",
+                        file=_LineWriter(sys.stderr), mininterval=10, ascii=True, ncols=100)
 
     # ---- the loop
     model.train()

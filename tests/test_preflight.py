@@ -1,0 +1,185 @@
+"""Bad inputs that need the model skeleton, the data files, the cluster's size or the tracking store.
+
+All are rejected before any Ray worker starts; the CLI turns them into exit code 2
+with one message and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import preflight, sweep, tracking
+from pipeline.config import ConfigError, load_config
+from tests.conftest import REPO, minilm_config, write_yaml
+
+
+def load(tmp_path: Path, config: dict, overrides: list[str] | None = None):
+    return load_config(write_yaml(tmp_path / "c.yaml", config), overrides or [], env={})
+
+
+def preflight_message(tmp_path: Path, config: dict, overrides: list[str] | None = None) -> str:
+    cfg = load(tmp_path, config, overrides)
+    with pytest.raises(ConfigError) as info:
+        preflight.check(cfg, sweep.candidate_configs(cfg))
+    return str(info.value)
+
+
+@pytest.fixture()
+def base(tmp_path: Path, sst2_small) -> dict:
+    return minilm_config(tmp_path, sst2_small)
+
+
+def test_valid_config_passes_and_counts_rows(tmp_path: Path, base: dict):
+    cfg = load(tmp_path, base)
+    summary = preflight.check(cfg, sweep.candidate_configs(cfg))
+    assert (summary.train_rows, summary.eval_rows) == (160, 64)
+
+
+def test_each_unknown_target_is_named_with_close_matches(tmp_path: Path, base: dict):
+    # a typo next to a valid name: PEFT alone would silently ignore it
+    message = preflight_message(tmp_path, base, ["lora.target_modules=[query, valeu, kye]"])
+    assert "lora.target_modules: 'valeu' matches no module of the model; did you mean 'value'" in message
+    assert "'kye' matches no module" in message and "'key'" in message
+    assert "'query'" not in message.split("did you mean")[0].split("lora.target_modules: ")[1]
+
+
+def test_swept_target_sets_are_checked_too(tmp_path: Path, base: dict):
+    base["sweep"]["parameters"] = {"lora.target_modules": {"grid": [["query", "value"], ["q_proj", "v_proj"]]}}
+    message = preflight_message(tmp_path, base)
+    assert "sweep.parameters.lora.target_modules: 'q_proj' matches no module" in message
+
+
+def test_unsupported_module_type_is_rejected(tmp_path: Path, base: dict):
+    message = preflight_message(tmp_path, base, ["lora.target_modules=[LayerNorm]"])
+    assert "'LayerNorm' matches only LayerNorm modules, which LoRA cannot wrap" in message
+
+
+def test_missing_dataset_file(tmp_path: Path, base: dict):
+    base["data"]["train_path"] = str(tmp_path / "nope.jsonl")
+    assert f"data.train_path: file '{tmp_path / 'nope.jsonl'}' not found" in preflight_message(tmp_path, base)
+
+
+def test_missing_column_lists_columns_and_fix(tmp_path: Path, base: dict):
+    message = preflight_message(tmp_path, base, ["data.text_field=text"])
+    assert "missing column 'text' (columns present: ['label', 'sentence']); set data.text_field to one of them" in message
+
+
+def test_empty_dataset(tmp_path: Path, base: dict):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base["data"]["eval_path"] = str(empty)
+    assert "data.eval_path" in (message := preflight_message(tmp_path, base)) and "no rows" in message
+
+
+def test_wrong_types_and_labels_name_the_first_bad_row(tmp_path: Path, base: dict):
+    rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0}, {"sentence": "odd", "label": 7}]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base["data"]["train_path"] = str(path)
+    assert "row 2: label 7 outside [0, 2)" in preflight_message(tmp_path, base)
+    rows[1]["sentence"] = 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "row 1: column 'sentence' must be str, got 3" in preflight_message(tmp_path, base)
+
+
+def test_all_rows_empty(tmp_path: Path, base: dict):
+    path = tmp_path / "blank.jsonl"
+    path.write_text("".join(json.dumps({"sentence": " ", "label": 0}) + "\n" for _ in range(3)))
+    base["data"]["train_path"] = str(path)
+    assert "all 3 rows have empty text" in preflight_message(tmp_path, base)
+
+
+def test_seq_len_above_model_max_and_truncation(tmp_path: Path, base: dict):
+    assert "data.max_seq_len=1024 exceeds the model's max_position_embeddings=512" in preflight_message(
+        tmp_path, base, ["data.max_seq_len=1024"])
+    message = preflight_message(tmp_path, base, ["data.max_seq_len=4"])
+    assert "data.max_seq_len=4 truncates" in message and "above data.max_truncated_fraction=0.05" in message
+
+
+def test_remote_code_and_pickle_only_models_are_refused(tmp_path: Path, base: dict):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoModel": "x.Y"}}))
+    base["model"]["name_or_path"] = str(model_dir)
+    assert "needs its own code (auto_map); set model.trust_remote_code" in preflight_message(tmp_path, base)
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (model_dir / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    assert "has no .safetensors weights; loraforge never unpickles .bin files" in preflight_message(tmp_path, base)
+
+
+@pytest.mark.parametrize(
+    ("train", "resources", "expected"),
+    [
+        ({"num_workers": 3}, sweep.Resources(2, 0, 2, 0), "train.num_workers=3 x train.cpus_per_worker=1 = 3 CPUs per trial, but the cluster has 2"),
+        ({"gpus_per_worker": 1}, sweep.Resources(8, 0, 8, 0), "train.gpus_per_worker=1 but the largest node has 0 GPUs"),
+        ({"cpus_per_worker": 4}, sweep.Resources(8, 0, 2, 0), "train.cpus_per_worker=4 but the largest node has 2 CPUs"),
+    ],
+)
+def test_trials_that_cannot_fit_are_refused(tmp_path: Path, base: dict, train: dict, resources, expected: str):
+    base["train"].update(train)
+    cfg = load(tmp_path, base)
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        sweep.plan_concurrency(sweep.candidate_configs(cfg), resources, None)
+
+
+def test_concurrency_follows_real_resources(tmp_path: Path, base: dict):
+    cfg = load(tmp_path, base)
+    configs = sweep.candidate_configs(cfg)
+    assert sweep.plan_concurrency(configs, sweep.Resources(2, 0, 2, 0), None) == 2
+    assert sweep.plan_concurrency(configs, sweep.Resources(64, 0, 16, 0), None) == 64
+    cfg = load(tmp_path, base, ["train.num_workers=2", "train.gpus_per_worker=0.5"])
+    assert sweep.plan_concurrency(sweep.candidate_configs(cfg), sweep.Resources(64, 8, 16, 8), None) == 8
+    with pytest.raises(ConfigError, match="sweep.max_concurrent_trials=3 but only 2 trial"):
+        sweep.plan_concurrency(configs, sweep.Resources(2, 0, 2, 0), 3)
+
+
+def test_unreachable_tracking_uri_fails_fast(tmp_path: Path):
+    with pytest.raises(ConfigError, match="MLflow tracking URI unreachable: http://127.0.0.1:9"):
+        tracking.preflight("http://127.0.0.1:9", "x")
+    with pytest.raises(ConfigError, match="does not exist"):
+        tracking.preflight(f"sqlite:///{tmp_path}/missing/dir/m.db", "x")
+
+
+def test_deleted_experiment_is_named_with_the_fix(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    experiment_id = tracking.preflight(uri, "gone")
+    tracking.client(uri).delete_experiment(experiment_id)
+    with pytest.raises(ConfigError, match="experiment 'gone' is deleted; restore it"):
+        tracking.preflight(uri, "gone")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_cli_exit_code_2_no_traceback_nothing_started(tmp_path: Path, base: dict):
+    path = write_yaml(tmp_path / "c.yaml", base)
+    for overrides, expected in (
+        (["lora.r=0"], "lora.r must be a positive int, got 0"),
+        (["lora.target_modules=[query, valeu]"], "'valeu' matches no module of the model; did you mean 'value'"),
+        (["train.num_workers=64"], "CPUs per trial, but the cluster has"),
+    ):
+        result = run_cli(str(path), *overrides, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+    # nothing was started or written: no trial state, no MLflow runs
+    assert not (tmp_path / "ray_results").exists()
+    if (tmp_path / "mlruns.db").exists():
+        assert tracking.client(f"sqlite:///{tmp_path / 'mlruns.db'}").search_runs(
+            [tracking.client(f"sqlite:///{tmp_path / 'mlruns.db'}").get_experiment_by_name("tests").experiment_id]) == []
+
+
+def test_cli_missing_config_file(tmp_path: Path):
+    result = run_cli(str(tmp_path / "nope.yaml"), cwd=REPO)
+    assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
