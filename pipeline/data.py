@@ -178,6 +178,11 @@ def tokenize_rows(spec: DataSpec, rows: Sequence[dict[str, Any]], tokenizer: Any
     return examples
 
 
+def with_targets(examples: Sequence[Example]) -> list[Example]:
+    """Drop causal examples whose response was truncated away entirely (their loss would be 0/0)."""
+    return [e for e in examples if isinstance(e.labels, int) or any(t != IGNORE_INDEX for t in e.labels)]
+
+
 def truncated_fraction(examples: Sequence[Example], max_seq_len: int) -> float:
     if not examples:
         return 0.0

@@ -109,7 +109,7 @@ def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str
         Metric(f"registered_{k}", float(v), 0, 0) for k, v in eval_metrics.items()
     ])
     for key, value in eval_metrics.items():
-        mlflow_client.set_model_version_tag(model_name, version.version, f"eval.{key}", f"{value:.6f}")
+        mlflow_client.set_model_version_tag(model_name, version.version, f"eval.{key.removeprefix('eval_')}", f"{value:.6f}")
     mlflow_client.set_tag(parent_run_id, "loraforge.registered_model_uri", f"models:/{model_name}/{version.version}")
 
     rows = report.trial_rows(sweep_result.trials, config)

@@ -28,7 +28,9 @@ ADAPTER_ARTIFACT = "adapter"
 def client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    # the registry URI is given explicitly: left out, MLflow falls back to a process-global
+    # one that any other code in the process may have set
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def artifact_location(tracking_uri: str) -> str | None:
@@ -213,16 +215,12 @@ def register_adapter(mlflow_client: Any, model_name: str, run_id: str, alias: st
 
 
 def download_registered(tracking_uri: str, model_name: str, alias: str, dst_dir: Path) -> Path:
-    """Fetch `models:/<name>@<alias>` into `dst_dir` (what any user of the registry would do)."""
-    import mlflow
+    """Fetch the files of `models:/<name>@<alias>` into `dst_dir`: the registry resolves the alias
+    to a version and the version to its artifact location."""
     import mlflow.artifacts
 
-    # `models:/` URIs are resolved by the registry client, which does not take the
-    # tracking_uri argument: point it at the same store
-    mlflow.set_registry_uri(tracking_uri)
+    registry = client(tracking_uri)
+    version = registry.get_model_version_by_alias(model_name, alias)
+    source = registry.get_model_version_download_uri(model_name, version.version)
     dst_dir.mkdir(parents=True, exist_ok=True)
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{model_name}@{alias}", dst_path=str(dst_dir), tracking_uri=tracking_uri
-        )
-    )
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=tracking_uri))

@@ -101,7 +101,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     # ---- data: every worker tokenizes (fast tokenizers: ~1 s per 10k rows), then takes its shard
     tokenizer = adapters.load_tokenizer(config.model, config.data)
-    train_examples = data.tokenize_rows(config.data, data.load_split(config.data, "train", train_spec.seed), tokenizer)
+    train_examples = data.with_targets(
+        data.tokenize_rows(config.data, data.load_split(config.data, "train", train_spec.seed), tokenizer))
     eval_examples = data.tokenize_rows(config.data, data.load_split(config.data, "eval", train_spec.seed), tokenizer)
     lengths = [len(e.input_ids) for e in train_examples]
 

@@ -82,7 +82,7 @@ def tiny_causal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+        texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"],
                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -92,7 +92,20 @@ def tiny_causal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
     )
-    LlamaForCausalLM(config).save_pretrained(root, safe_serialization=True)
+    model = LlamaForCausalLM(config)
+    # A few hundred full-parameter steps on the text make it a (very) small pretrained
+    # base: LoRA on a random init barely moves the loss, unlike on a real checkpoint.
+    fast.pad_token = fast.eos_token
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        picks = torch.randint(len(texts), (16,), generator=generator).tolist()
+        batch = fast([texts[i] for i in picks], return_tensors="pt", padding=True, truncation=True, max_length=64)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root, safe_serialization=True)
     return root
 
 
