@@ -174,7 +174,8 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
             storage_path=setup["train_storage_path"],
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1,
+                # the best and one more: a trial killed mid-upload still has a complete best
+                num_to_keep=2,
                 checkpoint_score_attribute=experiment.sweep.metric,
                 checkpoint_score_order=experiment.sweep.mode,
             ),
@@ -196,9 +197,33 @@ class TrialSummary:
     started: float = field(default_factory=time.time)
     wall_s: float = 0.0
     error: str | None = None
+    finished: bool = False
 
 
-def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, max_t: int) -> Any:
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "loraforge.json")
+
+
+def _complete(checkpoint_dir: Path) -> bool:
+    return all((checkpoint_dir / name).is_file() for name in ADAPTER_FILES)
+
+
+def best_complete_checkpoint(train_run_dir: Path, metric: str, mode: str) -> tuple[Path, float] | None:
+    """The best checkpoint of a Train run whose files are all there, by the metric saved inside it."""
+    import json
+
+    scored = []
+    for checkpoint_dir in sorted(train_run_dir.glob("checkpoint_*")):
+        if _complete(checkpoint_dir):
+            value = json.loads((checkpoint_dir / "loraforge.json").read_text()).get("metrics", {}).get(metric)
+            if value is not None:
+                scored.append((checkpoint_dir, float(value)))
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(reversed(scored), key=lambda item: item[1])
+
+
+def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, max_t: int,
+                   train_storage_path: Path) -> Any:
     from ray.train import Checkpoint
     from ray.tune import Callback
 
@@ -220,30 +245,50 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             value = result.get(metric)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 return
-            better = summary.best_metric is None or (value > summary.best_metric if mode == "max" else value < summary.best_metric)
+            # ties go to the later checkpoint, as Ray Train's CheckpointConfig(num_to_keep=1) keeps it
+            better = summary.best_metric is None or (value >= summary.best_metric if mode == "max" else value <= summary.best_metric)
             if better:
                 summary.best_metric = float(value)
                 summary.best_checkpoint = result.get("checkpoint_path") or summary.best_checkpoint
 
         def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
+            """Close the trial's MLflow run; any trial with a checkpoint gets its best adapter attached."""
             summary = self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), {}))
+            if summary.finished:
+                return
+            summary.finished = True
             summary.wall_s = time.time() - summary.started
             summary.error = error
             mlflow_client = tracking.client(config.tracking.tracking_uri)
             summary.run_id = tracking.find_trial_run(mlflow_client, experiment_id, parent_run_id, trial.trial_id)
-            early = summary.last_result.get("training_iteration", 0) < max_t and status == "FINISHED"
-            summary.status = "STOPPED" if early else ("ERROR" if status == "FAILED" else "DONE")
+            reports = summary.last_result.get("training_iteration", 0)
+            match status:
+                case "FAILED":
+                    summary.status = "ERROR"
+                case "KILLED":
+                    summary.status = "BUDGET"  # cut off by sweep.time_budget_s
+                case _:
+                    summary.status = "STOPPED" if reports < max_t else "DONE"
             if summary.run_id is None:
                 return
             mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
+            if error:
+                mlflow_client.set_tag(summary.run_id, "loraforge.error", error[:5000])
             best = {metric: summary.best_metric} if summary.best_metric is not None else {}
             best["wall_time_s"] = summary.wall_s
-            if summary.best_checkpoint and status == "FINISHED":
+            if summary.best_checkpoint and status != "FAILED" and not _complete(Path(summary.best_checkpoint)):
+                # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
+                # half-copied: fall back to the best complete one on storage, never to nothing
+                fallback = best_complete_checkpoint(train_storage_path / f"train-{trial.trial_id}", metric, mode)
+                mlflow_client.set_tag(summary.run_id, "loraforge.ckpt_fallback", str(fallback))
+                summary.best_checkpoint = str(fallback[0]) if fallback else None
+                summary.best_metric = fallback[1] if fallback else None
+                best = {metric: summary.best_metric} if fallback else {}
+                best["wall_time_s"] = summary.wall_s
+            if summary.best_checkpoint and status != "FAILED":
                 with Checkpoint(summary.best_checkpoint).as_directory() as adapter_dir:
                     tracking.finish_trial_run(mlflow_client, summary.run_id, status, Path(adapter_dir), best)
             else:
-                if error:
-                    mlflow_client.set_tag(summary.run_id, "loraforge.error", error[:5000])
                 tracking.finish_trial_run(mlflow_client, summary.run_id, status, None, best)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -254,6 +299,12 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             if getattr(trial, "error_file", None) and Path(trial.error_file).is_file():
                 error = Path(trial.error_file).read_text(errors="replace")[-5000:]
             self._finish(trial, "FAILED", error)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            # the time budget ends the experiment without completing running trials
+            for trial in trials:
+                if trial.trial_id in self.trials and not self.trials[trial.trial_id].finished:
+                    self._finish(trial, "KILLED")
 
     return TrialRunCallback()
 
@@ -302,7 +353,7 @@ def run_sweep(
     storage_path = config.ray.storage_path
     storage_path.mkdir(parents=True, exist_ok=True)
     run_name = unique_run_name(storage_path, config.name)
-    callback = _make_callback(config, experiment_id, parent_run_id, max_t)
+    callback = _make_callback(config, experiment_id, parent_run_id, max_t, storage_path / run_name / "train")
     setup = {
         "experiment": config.model_dump(mode="json"),
         "experiment_id": experiment_id,

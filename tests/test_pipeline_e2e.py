@@ -82,3 +82,26 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
             enc = tokenizer(row["sentence"], truncation=True, max_length=64, return_tensors="pt")
             correct += int(model(**enc).logits.argmax(-1).item() == row["label"])
     assert correct / len(rows) == pytest.approx(result.eval_metrics["eval_accuracy"], abs=1e-9)
+
+
+def test_time_budget_stops_the_sweep_and_keeps_the_best_checkpoint(tmp_path: Path, sst2_small, ray_local):
+    raw = minilm_config(
+        tmp_path, sst2_small,
+        train={"epochs": 40, "eval_every_steps": 5},
+        sweep={"searcher": "grid", "scheduler": "fifo", "time_budget_s": 45,
+               "parameters": {"lora.r": {"grid": [2, 4]}}},
+    )
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    result = run_pipeline(config)
+    assert result.sweep.wall_s < 120
+    statuses = {t.status for t in result.sweep.trials}
+    assert "BUDGET" in statuses
+    client = tracking.client(config.tracking.tracking_uri)
+    for trial in result.sweep.trials:
+        run = client.get_run(trial.run_id)
+        assert run.info.status in ("FINISHED", "KILLED")  # no run left RUNNING
+        if trial.best_checkpoint:
+            assert any(a.path == "adapter" for a in client.list_artifacts(trial.run_id))
+    version = client.get_model_version_by_alias("test-sst2-lora", "candidate")
+    assert version.run_id == result.sweep.best.run_id
+    assert result.eval_metrics["eval_accuracy"] == pytest.approx(result.sweep.best.best_metric, abs=1e-9)

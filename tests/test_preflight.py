@@ -183,3 +183,20 @@ def test_cli_exit_code_2_no_traceback_nothing_started(tmp_path: Path, base: dict
 def test_cli_missing_config_file(tmp_path: Path):
     result = run_cli(str(tmp_path / "nope.yaml"), cwd=REPO)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_any_labelled_csv_runs_by_config_alone(tmp_path: Path, base: dict):
+    import csv
+
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "stars"])
+        for i in range(30):
+            writer.writerow([f"review number {i} was {'great' if i % 3 else 'awful'}", i % 3])
+    base["data"].update({"train_path": str(path), "eval_path": str(path), "text_field": "review",
+                         "label_field": "stars", "num_labels": 3})
+    cfg = load(tmp_path, base)
+    assert preflight.check(cfg, sweep.candidate_configs(cfg)).train_rows == 30
+    message = preflight_message(tmp_path, base, ["data.num_labels=2"])
+    assert "label 2 outside [0, 2)" in message
