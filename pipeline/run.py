@@ -126,7 +126,8 @@ def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: s
     for trial in sweep_result.trials:
         if trial.run_id:
             history = mlflow_client.get_metric_history(trial.run_id, metric)
-            histories[trial.trial_name] = [(m.step, m.value) for m in history]
+            row = next(r for r in rows if r["trial"] == trial.trial_name)
+            histories[f"{trial.trial_name} r={row['r']} {row['targets']}"] = [(m.step, m.value) for m in history]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         report.learning_curves_png(histories, metric, out / "learning_curves.png")
@@ -137,7 +138,7 @@ def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: s
             "",
             "Registered adapter, loaded back from the registry, on the full eval set:",
             "",
-            *(f"- {k}: {v:.4f}" for k, v in eval_metrics.items()),
+            *(f"- {k}: {v:g}" if k.endswith(("examples", "tokens")) else f"- {k}: {v:.4f}" for k, v in eval_metrics.items()),
             "",
             "## Trials",
             "",
