@@ -22,6 +22,7 @@ def trial_rows(trials: list[TrialSummary], config: Any) -> list[dict[str, Any]]:
             "r": t.sampled.get("lora.r", config.lora.r),
             "targets": _targets(t, config),
             "lr": t.sampled.get("train.lr", config.train.lr),
+            "trainable": t.last_result.get("trainable_params"),
             config.sweep.metric: t.best_metric,
             "steps": t.last_result.get("step"),
             "wall_s": round(t.wall_s, 1),
