@@ -91,7 +91,7 @@ def check_data(config: ExperimentConfig) -> tuple[list[str], DataSummary | None]
             f"data.max_seq_len={spec.max_seq_len} truncates {fraction:.1%} of training rows (longest {longest} tokens), "
             f"above data.max_truncated_fraction={spec.max_truncated_fraction:g}; raise max_seq_len or the threshold"
         )
-    if not any(isinstance(e.labels, int) or any(label != data.IGNORE_INDEX for label in e.labels) for e in examples):
+    if not data.with_targets(examples):
         problems.append("data: after tokenization no training row has a target token; raise data.max_seq_len")
     return problems, DataSummary(len(splits["train"]), len(splits["eval"]), fraction)
 

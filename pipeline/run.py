@@ -123,10 +123,10 @@ def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: s
                   reports_dir: Path | None) -> None:
     metric = config.sweep.metric
     histories = {}
-    for trial in sweep_result.trials:
+    # rows were built from these trials, in this order
+    for trial, row in zip(sweep_result.trials, rows):
         if trial.run_id:
             history = mlflow_client.get_metric_history(trial.run_id, metric)
-            row = next(r for r in rows if r["trial"] == trial.trial_name)
             histories[f"{trial.trial_name} r={row['r']} {row['targets']}"] = [(m.step, m.value) for m in history]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -245,7 +245,7 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             value = result.get(metric)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 return
-            # ties go to the later checkpoint, as Ray Train's CheckpointConfig(num_to_keep=1) keeps it
+            # ties go to the later checkpoint, as Ray Train's score-ordered CheckpointConfig keeps it
             better = summary.best_metric is None or (value >= summary.best_metric if mode == "max" else value <= summary.best_metric)
             if better:
                 summary.best_metric = float(value)
@@ -274,18 +274,17 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
             if error:
                 mlflow_client.set_tag(summary.run_id, "loraforge.error", error[:5000])
-            best = {metric: summary.best_metric} if summary.best_metric is not None else {}
-            best["wall_time_s"] = summary.wall_s
-            if summary.best_checkpoint and status != "FAILED" and not _complete(Path(summary.best_checkpoint)):
+            attach = bool(summary.best_checkpoint) and status != "FAILED"
+            if attach and not _complete(Path(summary.best_checkpoint)):
                 # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
                 # half-copied: fall back to the best complete one on storage, never to nothing
                 fallback = best_complete_checkpoint(train_storage_path / f"train-{trial.trial_id}", metric, mode)
                 mlflow_client.set_tag(summary.run_id, "loraforge.ckpt_fallback", str(fallback))
-                summary.best_checkpoint = str(fallback[0]) if fallback else None
-                summary.best_metric = fallback[1] if fallback else None
-                best = {metric: summary.best_metric} if fallback else {}
-                best["wall_time_s"] = summary.wall_s
-            if summary.best_checkpoint and status != "FAILED":
+                summary.best_checkpoint, summary.best_metric = (str(fallback[0]), fallback[1]) if fallback else (None, None)
+                attach = fallback is not None
+            best = {metric: summary.best_metric} if summary.best_metric is not None else {}
+            best["wall_time_s"] = summary.wall_s
+            if attach:
                 with Checkpoint(summary.best_checkpoint).as_directory() as adapter_dir:
                     tracking.finish_trial_run(mlflow_client, summary.run_id, status, Path(adapter_dir), best)
             else:
@@ -353,12 +352,13 @@ def run_sweep(
     storage_path = config.ray.storage_path
     storage_path.mkdir(parents=True, exist_ok=True)
     run_name = unique_run_name(storage_path, config.name)
-    callback = _make_callback(config, experiment_id, parent_run_id, max_t, storage_path / run_name / "train")
+    train_storage_path = storage_path / run_name / "train"
+    callback = _make_callback(config, experiment_id, parent_run_id, max_t, train_storage_path)
     setup = {
         "experiment": config.model_dump(mode="json"),
         "experiment_id": experiment_id,
         "parent_run_id": parent_run_id,
-        "train_storage_path": str(storage_path / run_name / "train"),
+        "train_storage_path": str(train_storage_path),
     }
     param_space = {_key(path): tune_domain(domain) for path, domain in sweep.parameters.items()}
     started = time.time()
