@@ -51,8 +51,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """Read a local JSONL/JSON/CSV file with `datasets` (no hub access) into a list of dicts."""
     import datasets
 
-    if not path.read_bytes().strip():
-        return []
+    with path.open("rb") as f:  # stops at the first non-blank line; datasets chokes on empty input
+        if not any(line.strip() for line in f):
+            return []
     builder = "csv" if path.suffix.lower() == ".csv" else "json"
     datasets.disable_progress_bars()
     try:

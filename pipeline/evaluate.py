@@ -34,7 +34,8 @@ def evaluate_registered(config: ExperimentConfig, model_name: str, alias: str) -
     mlflow_client = tracking.client(config.tracking.tracking_uri)
     version = mlflow_client.get_model_version_by_alias(model_name, alias)
     with tempfile.TemporaryDirectory(prefix="loraforge-eval-") as tmp:
-        adapter_dir = tracking.download_registered(config.tracking.tracking_uri, model_name, alias, Path(tmp))
+        # the version the alias resolved to above: the alias may move while this runs
+        adapter_dir = tracking.download_version(config.tracking.tracking_uri, model_name, version.version, Path(tmp))
         metrics = score_adapter_dir(adapter_dir, config, num_threads=config.train.cpus_per_worker)
     return {"metrics": metrics, "version": version.version, "run_id": version.run_id}
 

@@ -217,10 +217,14 @@ def register_adapter(mlflow_client: Any, model_name: str, run_id: str, alias: st
 def download_registered(tracking_uri: str, model_name: str, alias: str, dst_dir: Path) -> Path:
     """Fetch the files of `models:/<name>@<alias>` into `dst_dir`: the registry resolves the alias
     to a version and the version to its artifact location."""
+    version = client(tracking_uri).get_model_version_by_alias(model_name, alias)
+    return download_version(tracking_uri, model_name, version.version, dst_dir)
+
+
+def download_version(tracking_uri: str, model_name: str, version: str, dst_dir: Path) -> Path:
+    """Fetch the files of one registered model version into `dst_dir`."""
     import mlflow.artifacts
 
-    registry = client(tracking_uri)
-    version = registry.get_model_version_by_alias(model_name, alias)
-    source = registry.get_model_version_download_uri(model_name, version.version)
+    source = client(tracking_uri).get_model_version_download_uri(model_name, version)
     dst_dir.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=tracking_uri))
