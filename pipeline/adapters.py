@@ -17,6 +17,9 @@ from torch import nn
 from pipeline.config import ClassificationData, LoraSpec, ModelSpec
 
 METADATA_FILE = "loraforge.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's shorthand for "every linear layer except the output head"
+ALL_LINEAR = "all-linear"
 # Module types PEFT's LoRA can wrap.
 SUPPORTED_TYPES = ("Linear", "Embedding", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Linear4bit", "Linear8bitLt")
 
@@ -48,10 +51,14 @@ def model_skeleton(model_spec: ModelSpec, data_spec: Any) -> nn.Module:
         return auto_model_class(data_spec).from_config(hf_config, trust_remote_code=model_spec.trust_remote_code)
 
 
-def load_base_model(model_spec: ModelSpec, data_spec: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The pretrained base from a local folder, safetensors only (never unpickles a `.bin`)."""
+def load_base_model(model_spec: ModelSpec, data_spec: Any, dtype: torch.dtype = torch.float32,
+                    **kwargs: Any) -> nn.Module:
+    """The pretrained base from a local folder, safetensors only (never unpickles a `.bin`).
+
+    Extra keyword arguments go to `from_pretrained` (a `quantization_config` for QLoRA).
+    """
     return auto_model_class(data_spec).from_pretrained(
-        model_spec.path, dtype=dtype, use_safetensors=True, **_model_kwargs(model_spec, data_spec)
+        model_spec.path, dtype=dtype, use_safetensors=True, **_model_kwargs(model_spec, data_spec), **kwargs
     )
 
 
@@ -69,6 +76,10 @@ def head_modules(model: nn.Module) -> list[str]:
 def check_target_modules(model: nn.Module, targets: list[str], where: str = "lora.target_modules") -> list[str]:
     """One problem per target that matches no module or only modules LoRA cannot wrap, with close matches."""
     modules = dict(model.named_modules())
+    if targets == [ALL_LINEAR]:
+        return []  # PEFT resolves it to every linear layer but the output head
+    if ALL_LINEAR in targets:
+        return [f"{where}: {ALL_LINEAR!r} stands alone; give it as the only entry or list module names"]
     suffixes = sorted({".".join(name.split(".")[-k:]) for name in modules if name for k in (1, 2, 3)})
     problems = []
     for target in targets:
@@ -97,7 +108,7 @@ def lora_config(lora_spec: LoraSpec, data_spec: Any, modules_to_save: list[str] 
         r=lora_spec.r,
         lora_alpha=lora_spec.alpha,
         lora_dropout=lora_spec.dropout,
-        target_modules=list(lora_spec.target_modules),
+        target_modules=ALL_LINEAR if lora_spec.target_modules == [ALL_LINEAR] else list(lora_spec.target_modules),
         modules_to_save=modules_to_save,
         use_rslora=lora_spec.use_rslora,
         task_type=TaskType.SEQ_CLS if is_classification(data_spec) else TaskType.CAUSAL_LM,
@@ -135,15 +146,31 @@ def save_adapter(model: nn.Module, adapter_dir: Path, metadata: dict[str, Any]) 
     return adapter_dir
 
 
+def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
+    """Put a saved adapter's tensors (LoRA + modules_to_save) back into a PEFT model with the same config."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(unwrap(model), load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
+        raise ValueError(f"adapter in {adapter_dir} lacks {len(missing)} trained tensors, e.g. {missing[0]}")
+
+
 def read_metadata(adapter_dir: Path) -> dict[str, Any]:
     return json.loads((Path(adapter_dir) / METADATA_FILE).read_text())
 
 
-def load_adapter_model(adapter_dir: Path, model_spec: ModelSpec, data_spec: Any) -> nn.Module:
-    """Base + adapter the way a user would: `PeftModel.from_pretrained(base, adapter_dir)`."""
+def load_adapter_model(adapter_dir: Path, model_spec: ModelSpec, data_spec: Any, base: nn.Module | None = None) -> nn.Module:
+    """Base + adapter the way a user would: `PeftModel.from_pretrained(base, adapter_dir)`.
+
+    `base` defaults to the full-precision pretrained model; QLoRA adapters pass the
+    4-bit base they were trained against.
+    """
     from peft import PeftModel
 
-    base = load_base_model(model_spec, data_spec)
+    if base is None:
+        base = load_base_model(model_spec, data_spec)
     return PeftModel.from_pretrained(base, str(adapter_dir))
 
 

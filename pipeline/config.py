@@ -204,9 +204,82 @@ class LoraStrategy(StrictModel):
     kind: Literal["lora"] = "lora"
 
 
+TorchDtypeName = Literal["bfloat16", "float16", "float32"]
+
+
+class QuantSpec(StrictModel):
+    """bitsandbytes 4-bit base (QLoRA): NF4 + double quantization by default."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA's DQ).")
+    compute_dtype: TorchDtypeName = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul."
+    )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in; must equal the ZeRO-3 dtype under ZeRO-3."
+    )
+
+
+class QloraStrategy(QuantSpec):
+    """QLoRA: the frozen base quantized to 4 bits on every worker, LoRA in full precision on top (DDP)."""
+
+    kind: Literal["qlora"]
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (prepare_model_for_kbit_training); saves memory, costs time."
+    )
+
+
+class Zero3OffloadStrategy(StrictModel):
+    """DeepSpeed ZeRO-3: the frozen base sharded across the trial's workers, parameters and optimizer offloaded to CPU."""
+
+    kind: Literal["zero3_offload"]
+    offload_param: bool = Field(True, description="Keep the parameter shards in CPU memory between uses.")
+    offload_optimizer: bool = Field(True, description="Keep optimizer states on CPU and step them with DeepSpeedCPUAdam.")
+    pin_memory: bool = Field(False, description="Page-locked CPU buffers for the offloads (faster GPU copies, more RAM).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 otherwise (CPU)."
+    )
+    gather_16bit_weights_on_model_save: bool = Field(
+        True, description="Must stay true: with it off, DeepSpeed saves empty adapters (peft#2892)."
+    )
+    load_in_4bit: QuantSpec | None = Field(
+        None, description="Quantize the sharded base to 4 bits (QLoRA under ZeRO-3; GPUs only)."
+    )
+
+    @field_validator("gather_16bit_weights_on_model_save")
+    @classmethod
+    def _gather(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "strategy.gather_16bit_weights_on_model_save must be true: with it off ZeRO-3 saves empty "
+                "adapters (peft#2892); remove the key"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _quant_storage(self) -> "Zero3OffloadStrategy":
+        quant = self.load_in_4bit
+        if quant is None:
+            return self
+        if self.precision == "auto":
+            raise ValueError(
+                "strategy.precision must be set explicitly (bf16, fp16 or fp32) with strategy.load_in_4bit, "
+                "and strategy.load_in_4bit.quant_storage must equal it"
+            )
+        wanted = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[self.precision]
+        if quant.quant_storage != wanted:
+            raise ValueError(
+                f"strategy.load_in_4bit.quant_storage={quant.quant_storage} cannot be sharded by ZeRO-3 with "
+                f"precision={self.precision}: set strategy.load_in_4bit.quant_storage: {wanted}"
+            )
+        return self
+
+
 # The memory strategy is a union discriminated on `kind`; each member carries only
-# its own fields. ZeRO-3 offload and QLoRA join it as their own members.
-StrategySpec = Annotated[Union[LoraStrategy], Field(discriminator="kind")]
+# its own fields. `pipeline.strategies.strategy_for` maps each to its implementation.
+StrategySpec = Annotated[Union[LoraStrategy, QloraStrategy, Zero3OffloadStrategy], Field(discriminator="kind")]
+STRATEGY_KINDS = ("lora", "qlora", "zero3_offload")
+PAGED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit")
 
 
 class TrainSpec(StrictModel):
@@ -217,7 +290,9 @@ class TrainSpec(StrictModel):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps with linear warmup.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    optimizer: Literal["adamw"] = "adamw"
+    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="paged_*: bitsandbytes paged AdamW (QLoRA); ZeRO-3 offload always uses DeepSpeedCPUAdam."
+    )
     max_grad_norm: float | None = Field(1.0, description="Clip gradients to this norm; null disables.")
     eval_every_steps: int = Field(100, gt=0, description="Evaluate (and checkpoint) every N optimizer steps.")
     log_every_steps: int = Field(10, gt=0, description="Log loss / lr to MLflow every N optimizer steps.")
@@ -228,6 +303,9 @@ class TrainSpec(StrictModel):
     num_workers: int = Field(1, gt=0, description="Ray Train workers per trial.")
     cpus_per_worker: int = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    max_failures: int = Field(
+        0, ge=0, description="Worker-group restarts per trial; each resumes from the trial's last valid checkpoint."
+    )
 
     @field_validator("lr")
     @classmethod
@@ -353,6 +431,15 @@ class ExperimentConfig(StrictModel):
         if not value or any(ch in value for ch in "/\\ :"):
             raise ValueError("name must be non-empty, without spaces, slashes or colons")
         return value
+
+    @model_validator(mode="after")
+    def _strategy_optimizer(self) -> "ExperimentConfig":
+        if self.strategy.kind == "zero3_offload" and self.train.optimizer != "adamw":
+            raise ValueError(
+                f"train.optimizer={self.train.optimizer} cannot run under DeepSpeed ZeRO-3 (its optimizer is "
+                "DeepSpeedCPUAdam with offload, or DeepSpeed's own); set train.optimizer: adamw"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sweep_paths(self) -> "ExperimentConfig":
@@ -531,7 +618,7 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> list[Any]:
     """pydantic puts the discriminator value into the error location (`data.classification.x`); drop it."""
     parts = list(loc)
     if len(parts) >= 2 and parts[0] in ("data", "strategy") and isinstance(parts[1], str):
-        tags = {"data": ("classification", "instruction", "data_to_text"), "strategy": ("lora",)}[parts[0]]
+        tags = {"data": ("classification", "instruction", "data_to_text"), "strategy": STRATEGY_KINDS}[parts[0]]
         if parts[1] in tags:
             del parts[1]
     return parts

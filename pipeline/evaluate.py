@@ -1,7 +1,8 @@
 """The evaluation stage: load a registered adapter back from the Model Registry and score it.
 
 Nothing is taken from memory: the adapter is downloaded from `models:/<name>@<alias>`
-and loaded the way a user would, `PeftModel.from_pretrained(base, folder)`, then
+and loaded the way a user would, `PeftModel.from_pretrained(base, folder)` (a 4-bit
+base for QLoRA adapters, the base they were trained against), then
 scored on the whole eval split with the same metric code the trials use.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline import adapters, data, tracking
+from pipeline import adapters, data, strategies, tracking
 from pipeline.config import ExperimentConfig
 from pipeline.train import evaluate
 
@@ -23,7 +24,7 @@ def score_adapter_dir(adapter_dir: Path, config: ExperimentConfig, num_threads: 
     if num_threads:
         torch.set_num_threads(num_threads)
     tokenizer = adapters.load_tokenizer(config.model, config.data)
-    model = adapters.load_adapter_model(adapter_dir, config.model, config.data)
+    model = adapters.load_adapter_model(adapter_dir, config.model, config.data, base=strategies.inference_base(config))
     model.eval()
     examples = data.tokenize_rows(config.data, data.load_split(config.data, "eval", config.train.seed), tokenizer)
     return evaluate(model, examples, config, tokenizer.pad_token_id, torch.device("cpu"), rank=0, world_size=1)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import checkpoint as ckpt
 from pipeline import data, tracking
 from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
 
@@ -173,6 +174,8 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
             name=f"train-{trial_id}",
             storage_path=setup["train_storage_path"],
             callbacks=[TuneReportCallback()],
+            # a dead worker restarts the whole group from the latest valid checkpoint
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 # the best and one more: a trial killed mid-upload still has a complete best
                 num_to_keep=2,
@@ -200,11 +203,8 @@ class TrialSummary:
     finished: bool = False
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "loraforge.json")
-
-
 def _complete(checkpoint_dir: Path) -> bool:
-    return all((checkpoint_dir / name).is_file() for name in ADAPTER_FILES)
+    return not ckpt.verify(checkpoint_dir)
 
 
 def best_complete_checkpoint(train_run_dir: Path, metric: str, mode: str) -> tuple[Path, float] | None:
@@ -277,7 +277,7 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             attach = bool(summary.best_checkpoint) and status != "FAILED"
             if attach and not _complete(Path(summary.best_checkpoint)):
                 # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
-                # half-copied: fall back to the best complete one on storage, never to nothing
+                # half-copied or corrupt: fall back to the best verified one on storage, never to nothing
                 fallback = best_complete_checkpoint(train_storage_path / f"train-{trial.trial_id}", metric, mode)
                 mlflow_client.set_tag(summary.run_id, "loraforge.ckpt_fallback", str(fallback))
                 summary.best_checkpoint, summary.best_metric = (str(fallback[0]), fallback[1]) if fallback else (None, None)

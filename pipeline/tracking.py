@@ -22,6 +22,7 @@ from pipeline.config import ConfigError, ExperimentConfig
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "loraforge.trial_id"
 RUN_NAME_TAG = "mlflow.runName"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "loraforge.json")
 ADAPTER_ARTIFACT = "adapter"
 
 
@@ -194,7 +195,9 @@ def finish_trial_run(mlflow_client: Any, run_id: str, status: str, adapter_dir: 
         now = int(time.time() * 1000)
         mlflow_client.log_batch(run_id, metrics=[Metric(f"best_{k}", float(v), now, 0) for k, v in summary.items()])
     if adapter_dir is not None:
-        mlflow_client.log_artifacts(run_id, str(adapter_dir), ADAPTER_ARTIFACT)
+        # the PEFT folder only: optimizer/RNG state and manifests stay with the Ray checkpoint
+        for name in ADAPTER_FILES:
+            mlflow_client.log_artifact(run_id, str(Path(adapter_dir) / name), ADAPTER_ARTIFACT)
     mlflow_client.set_terminated(run_id, status=status)
 
 

@@ -10,6 +10,7 @@ forwards them to Tune (ASHA decides from them).
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import tempfile
@@ -20,8 +21,9 @@ from typing import Any
 import torch
 
 from pipeline import adapters, benchmarks, data, tracking
+from pipeline import checkpoint as ckpt
 from pipeline.config import ExperimentConfig
-from pipeline.strategies import strategy_for
+from pipeline.strategies import MemoryStrategy, Worker, strategy_for
 
 
 class _LineWriter:
@@ -55,22 +57,31 @@ def evaluate(model: torch.nn.Module, examples: list[data.Example], config: Exper
     shard = examples[rank::world_size]
     order = sorted(range(len(shard)), key=lambda i: len(shard[i].input_ids))
     batch_size = config.eval.batch_size
+    # every rank runs the same number of forward passes (ZeRO-3 all-gathers parameters
+    # in each one); a rank whose shard is a batch short repeats one example and ignores it
+    num_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
+
+    def batches() -> Any:
+        for start in range(0, num_batches * batch_size, batch_size):
+            chosen = [shard[i] for i in order[start : start + batch_size]]
+            batch = data.collate(chosen or examples[:1], pad_token_id)
+            yield bool(chosen), {k: v.to(device) for k, v in batch.items()}
+
     if adapters.is_classification(config.data):
         num_labels = config.data.num_labels
         confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64)
-        for start in range(0, len(order), batch_size):
-            batch = data.collate([shard[i] for i in order[start : start + batch_size]], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for real, batch in batches():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            confusion += benchmarks.confusion_matrix(logits.argmax(-1).cpu(), batch["labels"].cpu(), num_labels)
+            if real:
+                confusion += benchmarks.confusion_matrix(logits.argmax(-1).cpu(), batch["labels"].cpu(), num_labels)
         model.train()
         metrics = benchmarks.classification_metrics(_all_reduce_sum(confusion.to(device), world_size).cpu())
     else:
         sums = torch.zeros(2, dtype=torch.float64)
-        for start in range(0, len(order), batch_size):
-            batch = data.collate([shard[i] for i in order[start : start + batch_size]], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for real, batch in batches():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if not real:
+                continue
             # the model shifts labels itself for its own loss; do the same to sum, not average
             targets = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
@@ -83,8 +94,50 @@ def evaluate(model: torch.nn.Module, examples: list[data.Example], config: Exper
     return {f"eval_{k}": v for k, v in metrics.items()}
 
 
+def _finite_everywhere(loss: torch.Tensor, world_size: int) -> bool:
+    """True when the loss is finite on every rank, so all ranks stop at the same step."""
+    flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    return float(_all_reduce_sum(flag, world_size)) == 0.0
+
+
+def _restore(checkpoint: Any) -> tuple[Path, dict[str, Any], list[str]]:
+    """(checkpoint dir to resume from, its loraforge.json, problems of newer ones skipped)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        directory, skipped = ckpt.choose_resume(Path(checkpoint.path))
+    else:
+        # remote storage: no sibling listing here; the latest must verify
+        directory = Path(checkpoint.to_directory())
+        problems = ckpt.verify(directory)
+        if problems:
+            raise ckpt.CheckpointError("latest checkpoint is invalid, refusing to start over: " + "; ".join(problems))
+        skipped = []
+    return directory, adapters.read_metadata(directory), skipped
+
+
+def _write_checkpoint(directory: Path, strategy: MemoryStrategy, rank: int, metadata: dict[str, Any]) -> None:
+    """This rank's part of a checkpoint: the adapter (rank 0), its train state, its manifest."""
+    try:
+        strategy.save_adapter(directory, metadata)
+        ckpt.save_state(directory / ckpt.state_file(rank), {
+            "optimizer": strategy.optimizer_state(), "rng": torch.get_rng_state(),
+        })
+        ckpt.write_manifest(directory, rank)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full at {directory} while writing a checkpoint; free space "
+                          "or point TMPDIR at a larger disk") from err
+        raise
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    """One worker of one trial. `loop_config` = {"experiment": config dict, "mlflow_run_id": str | None}."""
+    """One worker of one trial. `loop_config` = {"experiment": config dict, "mlflow_run_id": str | None}.
+
+    A worker group restarted by Ray Train (`train.max_failures`) resumes from the
+    trial's latest valid checkpoint: adapter weights, optimizer and RNG state, step
+    and position in the epoch.
+    """
     import ray.train
     import ray.train.torch
     from tqdm import tqdm
@@ -97,7 +150,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     # Ray sizes OMP threads from the worker's CPUs; torch must agree or workers oversubscribe cores
     torch.set_num_threads(train_spec.cpus_per_worker)
     torch.manual_seed(train_spec.seed)
-    device = ray.train.torch.get_device()
+    worker = Worker(rank=rank, world_size=world_size, device=ray.train.torch.get_device())
+    device = worker.device
 
     # ---- data: every worker tokenizes (fast tokenizers: ~1 s per 10k rows), then takes its shard
     tokenizer = adapters.load_tokenizer(config.model, config.data)
@@ -106,61 +160,86 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     eval_examples = data.tokenize_rows(config.data, data.load_split(config.data, "eval", train_spec.seed), tokenizer)
     lengths = [len(e.input_ids) for e in train_examples]
 
+    # ---- resume point, if Ray restarted this worker group
+    resume_dir, resumed, skipped = None, {}, []
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        resume_dir, resumed, skipped = _restore(checkpoint)
+
     # ---- model and optimizer, from the memory strategy (the loop never asks which one)
-    strategy = strategy_for(config)
-    model = strategy.load_model()
-    peft_model = adapters.unwrap(model)
+    strategy = strategy_for(config, worker)
+    peft_model = strategy.load_model()
+    if resume_dir is not None:
+        adapters.load_adapter_weights(peft_model, resume_dir)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    optimizer = strategy.build_optimizer(model)
+    model, optimizer = strategy.wrap(peft_model)
     steps_per_epoch = data.steps_per_epoch(len(train_examples), train_spec.batch_size, train_spec.grad_accum, world_size)
     total_steps = steps_per_epoch * train_spec.epochs
     scheduler = get_scheduler(
         train_spec.lr_scheduler, optimizer,
         num_warmup_steps=math.ceil(train_spec.warmup_ratio * total_steps), num_training_steps=total_steps,
     )
+    step, tokens_seen, loop_time, restarts = 0, 0, 0.0, 0
+    if resume_dir is not None:
+        state = ckpt.load_state(resume_dir / ckpt.state_file(rank))
+        strategy.load_optimizer_state(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step = int(resumed["step"])
+        tokens_seen = int(resumed.get("tokens_seen", 0))
+        loop_time = float(resumed.get("metrics", {}).get("train_time_s", 0.0))
+        restarts = int(resumed.get("restarts", 0)) + 1
+        for _ in range(step):
+            scheduler.step()
 
     metric_buffer = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         mlflow_client = tracking.client(config.tracking.tracking_uri)
-        metric_buffer = tracking.MetricBuffer(mlflow_client, loop_config["mlflow_run_id"])
-        counted = adapters.trainable_parameters(peft_model)
-        tracking.log_params(mlflow_client, loop_config["mlflow_run_id"], {
-            "trainable_params": counted, "peft_trainable_params": trainable, "total_params": total,
-            "train_examples": len(train_examples), "eval_examples": len(eval_examples),
-            "total_steps": total_steps, "world_size": world_size,
-        })
+        run_id = loop_config["mlflow_run_id"]
+        metric_buffer = tracking.MetricBuffer(mlflow_client, run_id)
+        if resume_dir is None:
+            tracking.log_params(mlflow_client, run_id, {
+                "trainable_params": adapters.trainable_parameters(peft_model), "peft_trainable_params": trainable,
+                "total_params": total, "train_examples": len(train_examples), "eval_examples": len(eval_examples),
+                "total_steps": total_steps, "world_size": world_size,
+            })
+        else:
+            mlflow_client.set_tag(run_id, "loraforge.worker_restarts", str(restarts))
+            mlflow_client.set_tag(run_id, "loraforge.resumed_from_step", str(step))
+            if skipped:
+                mlflow_client.set_tag(run_id, "loraforge.ckpt_fallback", f"{resume_dir}: skipped {'; '.join(skipped)}"[:5000])
     metadata_base = {
         "base_model": config.model.name_or_path, "task": config.data.kind,
         "num_labels": getattr(config.data, "num_labels", None), "trainable_params": trainable,
-        "lora": config.lora.model_dump(), "experiment": config.name,
+        "lora": config.lora.model_dump(), "strategy": config.strategy.model_dump(), "experiment": config.name,
+        "world_size": world_size,
     }
     progress = None
     if rank == 0:
         # one plain line per refresh: Ray forwards worker output line by line, and a trial
         # that ASHA stops is killed, so a redrawn bar would be left dangling in the driver
-        progress = tqdm(total=total_steps, desc=f"r={config.lora.r} {'+'.join(config.lora.target_modules)}",
-                        file=_LineWriter(sys.stderr), mininterval=10, ascii=True, ncols=100)
+        progress = tqdm(total=total_steps, initial=step, file=_LineWriter(sys.stderr), mininterval=10, ascii=True,
+                        ncols=100, desc=f"{config.strategy.kind} r={config.lora.r} {'+'.join(config.lora.target_modules)}")
 
     # ---- the loop
     model.train()
-    step, micro_step, tokens_seen, loop_time = 0, 0, 0, 0.0
+    micro_step = 0
     window_loss, window_count = 0.0, 0
     pad_id = tokenizer.pad_token_id
-    for epoch in range(train_spec.epochs):
+    for epoch in range(step // steps_per_epoch, train_spec.epochs):
         batches = data.make_batches(
             lengths, train_spec.batch_size, shuffle=True, seed=train_spec.seed + epoch,
             bucketing=train_spec.length_bucketing, rank=rank, world_size=world_size,
         )
-        # whole optimizer steps only, so every rank takes the same number of steps
-        batches = batches[: steps_per_epoch * train_spec.grad_accum]
+        # whole optimizer steps only, so every rank takes the same number of steps; a resumed
+        # epoch skips the batches its steps already consumed
+        batches = batches[(step - epoch * steps_per_epoch) * train_spec.grad_accum : steps_per_epoch * train_spec.grad_accum]
         started = time.perf_counter()
         for indices in batches:
             batch = data.collate([train_examples[i] for i in indices], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss / train_spec.grad_accum
-            if not torch.isfinite(loss):
-                # stop the trial now: nothing after a non-finite loss is reported or checkpointed
-                raise FloatingPointError(f"non-finite loss at step {step} (rank {rank}): {loss.item()}")
+            if not _finite_everywhere(loss, world_size):
+                # stop the trial now, on every rank: nothing after a non-finite loss is reported or checkpointed
+                raise FloatingPointError(f"non-finite loss at step {step} (rank {rank}: {loss.item()})")
             strategy.backward(loss)
             micro_step += 1
             tokens_seen += int(batch["attention_mask"].sum())
@@ -168,13 +247,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             window_count += 1
             if micro_step % train_spec.grad_accum:
                 continue
-            grad_norm = strategy.step(model, optimizer)
+            grad_norm = strategy.step()
             scheduler.step()
             step += 1
             if progress is not None:
                 progress.update(1)
             if metric_buffer is not None and step % train_spec.log_every_steps == 0:
-                logged = {"train_loss": window_loss / window_count, "lr": scheduler.get_last_lr()[0]}
+                logged = {"train_loss": window_loss / window_count, "lr": scheduler.get_last_lr()[0],
+                          **strategy.step_metrics()}
                 if grad_norm is not None:
                     logged["grad_norm"] = grad_norm
                 metric_buffer.log(logged, step)
@@ -186,15 +266,18 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update({
                     "step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time,
                     "tokens_per_s": tokens_seen * world_size / max(loop_time, 1e-9),
-                    "trainable_params": trainable,
+                    "trainable_params": trainable, "worker_restarts": restarts,
                 })
                 if metric_buffer is not None:
                     metric_buffer.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step)
                     metric_buffer.flush()
                 with tempfile.TemporaryDirectory() as tmp:
-                    strategy.save_adapter(model, Path(tmp), {**metadata_base, "step": step, "metrics": metrics})
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-                    ray.train.report(metrics, checkpoint=checkpoint)
+                    _write_checkpoint(Path(tmp), strategy, rank, {
+                        **metadata_base, "step": step, "metrics": metrics, "tokens_seen": tokens_seen,
+                        "restarts": restarts,
+                    })
+                    # reported only after every file is written: a failed write never becomes "latest"
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
                 started = time.perf_counter()
         loop_time += time.perf_counter() - started
     if progress is not None:

@@ -129,23 +129,3 @@ def test_saved_adapter_is_safetensors_and_reloads_with_plain_peft(minilm_cfg, tm
     reloaded = PeftModel.from_pretrained(base, str(out))
     reloaded.eval()
     assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-5)
-
-
-def test_best_complete_checkpoint_skips_half_written_ones(tmp_path: Path):
-    from pipeline.sweep import best_complete_checkpoint
-
-    def checkpoint(name: str, accuracy: float, files=("adapter_config.json", "adapter_model.safetensors", "loraforge.json")):
-        path = tmp_path / name
-        path.mkdir()
-        for f in files:
-            (path / f).write_text(json.dumps({"metrics": {"eval_accuracy": accuracy}}) if f == "loraforge.json" else "x")
-        return path
-
-    first = checkpoint("checkpoint_1", 0.80)
-    checkpoint("checkpoint_2", 0.70)
-    checkpoint("checkpoint_3", 0.99, files=("adapter_model.safetensors", "README.md"))  # killed mid-copy
-    assert best_complete_checkpoint(tmp_path, "eval_accuracy", "max") == (first, 0.80)
-    assert best_complete_checkpoint(tmp_path, "eval_accuracy", "min")[1] == 0.70
-    tie = checkpoint("checkpoint_4", 0.80)
-    assert best_complete_checkpoint(tmp_path, "eval_accuracy", "max") == (tie, 0.80)  # ties: the later one
-    assert best_complete_checkpoint(tmp_path / "none", "eval_accuracy", "max") is None
