@@ -8,11 +8,16 @@ problem is collected, then one `ConfigError` lists them all.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import adapters, data
+import torch
+
+from pipeline import adapters, data, strategies
 from pipeline.config import ConfigError, ExperimentConfig
+
+log = logging.getLogger("loraforge")
 
 
 @dataclass
@@ -103,9 +108,81 @@ def _max_positions(config: ExperimentConfig) -> int | None:
     return getattr(hf_config, "max_position_embeddings", None)
 
 
+# The PEFT docs' minima for 4-bit bases under DeepSpeed ZeRO-3 (older versions fail or use more memory).
+ZERO3_4BIT_MINIMA = {"bitsandbytes": "0.43.3", "accelerate": "1.0.1", "transformers": "4.44.3", "peft": "0.13.1"}
+INSTALL_HINT = "pip install 'loraforge[memory]'"
+
+
+def _version_problem(package: str, minimum: str, why: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        found = version(package)
+    except PackageNotFoundError:
+        return f"{why} needs {package}>={minimum}, which is not installed ({INSTALL_HINT})"
+    if Version(found) < Version(minimum):
+        return f"{why} needs {package}>={minimum}, found {found} (pip install -U '{package}>={minimum}')"
+    return None
+
+
+def _four_bit_problem(device_type: str) -> str | None:
+    """Quantize a small tensor the way loading a 4-bit base will; the error if this bitsandbytes cannot."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(torch.randn(64, 64, device=device_type), quant_type="nf4")
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as err:  # any failure here means 4-bit cannot run; say which and why
+        return f"the installed bitsandbytes cannot do 4-bit NF4 on {device_type}: {type(err).__name__}: {err}"
+    return None
+
+
+def check_strategies(trial_configs: list[ExperimentConfig]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) for the memory strategies the sweep will run: libraries present and able."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    kinds = {cfg.strategy.kind for cfg in trial_configs}
+    quantized = [cfg for cfg in trial_configs if strategies.quant_spec(cfg) is not None]
+    if quantized:
+        problem = _version_problem("bitsandbytes", "0.43.3", "strategy 4-bit base")
+        if problem is None:
+            on_cpu = any(cfg.train.gpus_per_worker == 0 for cfg in quantized)
+            problem = _four_bit_problem("cpu" if on_cpu or not torch.cuda.is_available() else "cuda")
+            if on_cpu and problem is None:
+                warnings.append("4-bit base on CPU (train.gpus_per_worker=0): bitsandbytes runs NF4 and paged AdamW "
+                                "on the CPU, correct but slow; give workers GPUs for real runs")
+        problems += [problem] if problem else []
+    if "zero3_offload" in kinds:
+        problem = _version_problem("deepspeed", "0.15.0", "strategy.kind=zero3_offload")
+        if problem is None and any(cfg.strategy.offload_optimizer for cfg in trial_configs if cfg.strategy.kind == "zero3_offload"):
+            from deepspeed.ops.op_builder import CPUAdamBuilder
+
+            if not CPUAdamBuilder().is_compatible(verbose=False):
+                problem = ("strategy.offload_optimizer=true needs DeepSpeedCPUAdam, which cannot be built here "
+                           "(needs ninja and a C++ compiler: pip install ninja; apt install g++)")
+        problems += [problem] if problem else []
+        for cfg in trial_configs:
+            spec = cfg.strategy
+            if spec.kind != "zero3_offload":
+                continue
+            if spec.load_in_4bit is not None:
+                problems += [p for p in (_version_problem(pkg, low, "strategy.load_in_4bit under ZeRO-3")
+                                         for pkg, low in ZERO3_4BIT_MINIMA.items()) if p]
+            if spec.precision == "fp16":
+                warnings.append("strategy.precision=fp16 under ZeRO-3: overflowing steps are skipped "
+                                "(logged as skipped_steps); prefer bf16 where the GPU has it")
+    return list(dict.fromkeys(problems)), list(dict.fromkeys(warnings))
+
+
 def check(config: ExperimentConfig, trial_configs: list[ExperimentConfig]) -> DataSummary:
     """All file/model/data checks; returns row counts, or raises one ConfigError with every problem."""
     problems = check_model(config)
+    strategy_problems, strategy_warnings = check_strategies(trial_configs)
+    problems += strategy_problems
+    for warning in strategy_warnings:
+        log.warning(warning)
     summary = None
     if not problems:
         problems += check_targets(config, trial_configs)

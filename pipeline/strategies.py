@@ -157,9 +157,23 @@ def bnb_config(quant: QuantSpec, skip_modules: list[str] | None) -> Any:
     )
 
 
+def check_quant_device(quant: QuantSpec, device: torch.device) -> None:
+    """A ValueError naming the fix when this GPU cannot run the 4-bit settings (CPU runs them, slowly)."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if (major, minor) < (6, 0):
+        raise ValueError(f"4-bit QLoRA requires CUDA compute capability >= 6.0; found {major}.{minor} ({name})")
+    if quant.compute_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"strategy compute_dtype=bfloat16 but {name} (compute capability {major}.{minor}) has no bf16; "
+                         "set compute_dtype: float16")
+
+
 def load_quantized_base(config: ExperimentConfig, quant: QuantSpec, device: torch.device,
                         dtype: torch.dtype = torch.float32) -> nn.Module:
     """The base with its linear layers in 4 bits; the classification head (trained in full) stays unquantized."""
+    check_quant_device(quant, device)
     skip = None
     if adapters.is_classification(config.data):
         skeleton = adapters.model_skeleton(config.model, config.data)
