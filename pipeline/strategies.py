@@ -180,10 +180,17 @@ def load_quantized_base(config: ExperimentConfig, quant: QuantSpec, device: torc
         heads = adapters.head_modules(skeleton)
         # full module paths: transformers matches skip patterns from the start of a name or as a suffix
         skip = [name for name, _ in skeleton.named_modules() if name and name.rsplit(".", 1)[-1] in heads]
-    return adapters.load_base_model(
+    model = adapters.load_base_model(
         config.model, config.data, dtype=dtype,
         quantization_config=bnb_config(quant, skip), device_map={"": device},
     )
+    for module in model.modules():
+        # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel the first
+        # time a layer runs in eval mode; training forwards after that fail ("a view of a
+        # leaf Variable ... in-place"), and eval would compute in bf16, not compute_dtype
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 class Qlora(_DataParallel):
