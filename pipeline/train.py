@@ -94,10 +94,11 @@ def evaluate(model: torch.nn.Module, examples: list[data.Example], config: Exper
     return {f"eval_{k}": v for k, v in metrics.items()}
 
 
-def _finite_everywhere(loss: torch.Tensor, world_size: int) -> bool:
-    """True when the loss is finite on every rank, so all ranks stop at the same step."""
-    flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
-    return float(_all_reduce_sum(flag, world_size)) == 0.0
+def _nonfinite_ranks(loss: torch.Tensor, rank: int, world_size: int) -> list[int]:
+    """Ranks whose loss is NaN/Inf at this step, known to every rank so all stop at the same step."""
+    flags = torch.zeros(world_size, device=loss.device)
+    flags[rank] = 0.0 if torch.isfinite(loss.detach()).all() else 1.0
+    return [r for r, bad in enumerate(_all_reduce_sum(flags, world_size).tolist()) if bad]
 
 
 def _restore(checkpoint: Any) -> tuple[Path, dict[str, Any], list[str]]:
@@ -237,13 +238,15 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             batch = data.collate([train_examples[i] for i in indices], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss / train_spec.grad_accum
-            if not _finite_everywhere(loss, world_size):
+            if bad_ranks := _nonfinite_ranks(loss, rank, world_size):
                 # stop the trial now, on every rank: nothing after a non-finite loss is reported or checkpointed
-                raise FloatingPointError(f"non-finite loss at step {step} (rank {rank}: {loss.item()})")
+                raise FloatingPointError(
+                    f"non-finite loss at step {step} (rank {', '.join(map(str, bad_ranks))}); last checkpoint is "
+                    f"at or before step {step}. Lower train.lr or check the data")
             strategy.backward(loss)
             micro_step += 1
             tokens_seen += int(batch["attention_mask"].sum())
-            window_loss += float(loss) * train_spec.grad_accum
+            window_loss += float(loss.detach()) * train_spec.grad_accum
             window_count += 1
             if micro_step % train_spec.grad_accum:
                 continue

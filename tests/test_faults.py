@@ -1,0 +1,199 @@
+"""Runtime faults injected into real pipeline runs (../shared/reference faults F1, F2, F16, F17).
+
+Faults come from outside the product: a test thread SIGKILLs a Ray Train worker
+process, fills the filesystem the workers write checkpoints to, or (F16) a Ray
+`worker_process_setup_hook` multiplies one rank's loss by NaN. Outcomes are checked on
+storage contents, reported metrics and MLflow, never on log text alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import checkpoint as ckpt
+from pipeline import tracking
+from pipeline.config import load_config
+from pipeline.run import run_pipeline
+from pipeline.sweep import SweepError
+from tests.conftest import REPO, minilm_config, write_yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def start_ray():
+    import ray
+
+    def start(**env: str) -> None:
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={
+            "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1",
+                         "PYTHONPATH": str(REPO), **env},
+            "worker_process_setup_hook": "tests.fault_hooks.install",
+        })
+
+    yield start
+    ray.shutdown()
+
+
+def experiment(tmp: Path, sst2, name: str, strategy: dict | None = None, **train) -> object:
+    tmp.mkdir(parents=True, exist_ok=True)
+    raw = minilm_config(tmp, sst2, train={"num_workers": 2, "epochs": 3, "eval_every_steps": 2, **train})
+    raw["name"] = name
+    raw["strategy"] = strategy or {"kind": "lora"}
+    raw["tracking"]["registered_model_name"] = f"{name}-lora"
+    return load_config(write_yaml(tmp / f"{name}.yaml", raw), env={})
+
+
+def checkpoints(config) -> list[Path]:
+    """Complete checkpoints on storage (rank 0's manifest is written last), oldest step first."""
+    found = [p.parent for p in config.ray.storage_path.glob("*/train/train-*/checkpoint_*/MANIFEST.rank0.json")]
+    return sorted(found, key=ckpt.step_of)
+
+
+def when_checkpointed(config, action: Callable[[], None], timeout: float = 300) -> threading.Thread:
+    """Run `action` from a side thread as soon as the trial has committed its first checkpoint."""
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if checkpoints(config):
+                action()
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_a_worker(record: dict) -> None:
+    from ray.util.state import list_actors
+
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    record["pid"] = workers[0].pid
+    os.kill(workers[0].pid, signal.SIGKILL)
+
+
+def trial_run(config):
+    client = tracking.client(config.tracking.tracking_uri)
+    experiment_id = client.get_experiment_by_name(config.tracking.experiment_name).experiment_id
+    runs = client.search_runs([experiment_id], "tags.`loraforge.trial_id` != ''")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def registered_versions(config) -> list:
+    client = tracking.client(config.tracking.tracking_uri)
+    return client.search_model_versions(f"name = '{config.tracking.registered_model_name}'")
+
+
+def test_f1_killed_worker_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path: Path, sst2_small, start_ray):
+    """ZeRO-3, 2 workers: a worker SIGKILLed mid-epoch restarts the group from the last checkpoint."""
+    start_ray()
+    strategy = {"kind": "zero3_offload"}
+    golden = experiment(tmp_path / "golden", sst2_small, "golden", strategy, max_failures=2)
+    faulty = experiment(tmp_path / "faulty", sst2_small, "faulty", strategy, max_failures=2)
+
+    clean = run_pipeline(golden)
+    record: dict = {}
+    watcher = when_checkpointed(faulty, lambda: kill_a_worker(record))
+    resumed = run_pipeline(faulty)
+    watcher.join(5)
+    assert record.get("pid"), "the worker was never killed"
+
+    trial = resumed.sweep.trials[0]
+    assert trial.status == "DONE" and not trial.error
+    client, run = trial_run(faulty)
+    assert run.data.tags["loraforge.worker_restarts"] == "1"  # one failure, counted once
+    resumed_from = int(run.data.tags["loraforge.resumed_from_step"])
+    assert 2 <= resumed_from < 15  # mid-run, from a committed checkpoint, not from scratch
+    assert trial.last_result["worker_restarts"] == 1 and trial.last_result["step"] == 15
+
+    # same final metric and same adapter as the run nobody interrupted (CPU, fp32: exact up to float noise)
+    assert trial.last_result["eval_accuracy"] == clean.sweep.trials[0].last_result["eval_accuracy"]
+    final_clean, final_resumed = checkpoints(golden)[-1], checkpoints(faulty)[-1]
+    assert ckpt.step_of(final_clean) == ckpt.step_of(final_resumed) == 15
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (final_clean, final_resumed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert ckpt.verify(Path(trial.best_checkpoint)) == []
+    assert [v.status for v in registered_versions(faulty)] == ["READY"]
+
+
+def test_f2_more_failures_than_allowed_fail_the_trial_and_keep_its_checkpoint(tmp_path: Path, sst2_small, start_ray):
+    start_ray()
+    config = experiment(tmp_path, sst2_small, "f2", max_failures=0)
+    record: dict = {}
+    watcher = when_checkpointed(config, lambda: kill_a_worker(record))
+    with pytest.raises(SweepError, match="no trial reported"):
+        run_pipeline(config)
+    watcher.join(5)
+    assert record.get("pid")
+    client, run = trial_run(config)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["loraforge.trial_status"] == "ERROR"
+    assert "max allowed: 0" in run.data.tags["loraforge.error"] or "failure" in run.data.tags["loraforge.error"].lower()
+    # the last committed checkpoint survives the failure, passes the guard and loads
+    latest = checkpoints(config)[-1]
+    assert ckpt.verify(latest) == []
+    from pipeline.evaluate import score_adapter_dir
+
+    assert 0 <= score_adapter_dir(latest, config)["eval_accuracy"] <= 1
+    assert registered_versions(config) == []  # a failed trial is never registered
+
+
+def test_f16_nan_loss_stops_the_trial_within_a_step_and_nothing_after_is_kept(tmp_path: Path, sst2_small, start_ray):
+    start_ray(LORAFORGE_TEST_NAN_AT="4:1")  # rank 1's 4th training forward: steps 0-2 done, fails at step 3
+    config = experiment(tmp_path, sst2_small, "f16", eval_every_steps=1)
+    with pytest.raises(SweepError, match=r"non-finite loss at step 3 \(rank 1\)"):
+        run_pipeline(config)
+    steps = [ckpt.step_of(p) for p in checkpoints(config)]
+    assert steps and max(steps) <= 3  # no checkpoint after the bad step was reported
+    client, run = trial_run(config)
+    assert run.info.status == "FAILED"
+    assert registered_versions(config) == []
+
+
+def test_f17_disk_full_while_checkpointing_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path: Path, sst2_small, start_ray):
+    scratch = tmp_path / "tmpfs"
+    scratch.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(scratch)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        start_ray(TMPDIR=str(scratch))  # where the workers stage checkpoints before reporting them
+
+        def fill() -> None:
+            with open(scratch / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+
+        config = experiment(tmp_path, sst2_small, "f17", num_workers=1, max_failures=0)
+        watcher = when_checkpointed(config, fill)
+        with pytest.raises(SweepError, match="disk full at"):
+            run_pipeline(config)
+        watcher.join(5)
+        committed = checkpoints(config)
+        assert committed and all(ckpt.verify(p) == [] for p in committed)  # previous checkpoint stays latest
+        assert [p.name for p in scratch.iterdir()] == ["filler"]  # the half-written temp dir was removed
+        client, run = trial_run(config)
+        assert run.info.status == "FAILED"
+        assert registered_versions(config) == []
+    finally:
+        subprocess.run(["umount", "-l", str(scratch)], check=False)
