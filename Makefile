@@ -12,7 +12,7 @@ $(BIN)/loraforge: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel (other versions pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[memory,test]"
 	touch $@
 
 venv: $(BIN)/loraforge
@@ -26,6 +26,7 @@ test: venv
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b2_trial_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b5_tokens_per_s.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b6_memory_strategies.py
 
 clean:
 	rm -rf $(VENV) loraforge_results mlruns.db mlartifacts reports

@@ -45,18 +45,22 @@ def manifest_file(rank: int) -> str:
 # ---------------------------------------------------------------------------- nested state <-> safetensors
 
 
-def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str]) -> Any:
     if isinstance(obj, torch.Tensor):
-        key = str(len(tensors))
-        tensors[key] = obj.detach().cpu().contiguous()
+        if id(obj) in seen:
+            # the same tensor object twice (8-bit optimizers share their quantization maps)
+            return {_TENSOR: seen[id(obj)]}
+        key = seen[id(obj)] = str(len(tensors))
+        # a copy: safetensors refuses tensors that share memory with each other
+        tensors[key] = obj.detach().cpu().clone().contiguous()
         return {_TENSOR: key}
     if isinstance(obj, dict):
         # keys keep their type (optimizer states are keyed by int)
-        return {_DICT: [[k, _flatten(v, tensors)] for k, v in obj.items()]}
+        return {_DICT: [[k, _flatten(v, tensors, seen)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {_TUPLE: [_flatten(v, tensors) for v in obj]}
+        return {_TUPLE: [_flatten(v, tensors, seen) for v in obj]}
     if isinstance(obj, list):
-        return [_flatten(v, tensors) for v in obj]
+        return [_flatten(v, tensors, seen) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
@@ -79,7 +83,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten(state, tensors)
+    skeleton = _flatten(state, tensors, {})
     save_file(tensors, str(path), metadata={"skeleton": json.dumps(skeleton)})
 
 
