@@ -62,6 +62,39 @@ def load_base_model(model_spec: ModelSpec, data_spec: Any, dtype: torch.dtype = 
     )
 
 
+_BERT = {"attention_qv": ["query", "value"], "attention_all": ["query", "key", "value", "attention.output.dense"],
+         "attention_mlp": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]}
+_LLAMA = {"attention_qv": ["q_proj", "v_proj"], "attention_all": ["q_proj", "k_proj", "v_proj", "o_proj"],
+          "attention_mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+_OPT = {"attention_qv": ["q_proj", "v_proj"], "attention_all": ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+# model_type -> preset -> module-name suffixes (GPT-2 fuses q, k, v into c_attn)
+TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _BERT),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"), _LLAMA),
+    "opt": _OPT,
+    "distilbert": {"attention_qv": ["q_lin", "v_lin"], "attention_all": ["q_lin", "k_lin", "v_lin", "out_lin"],
+                   "attention_mlp": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]},
+    "gpt2": {"attention_qv": ["c_attn"], "attention_all": ["c_attn", "attn.c_proj"],
+             "attention_mlp": ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]},
+}
+
+
+def resolve_targets(targets: list[str] | str, model_type: str) -> list[str] | str:
+    """A preset name -> this architecture's module names (`all_linear` -> PEFT's "all-linear"); lists pass through."""
+    if not isinstance(targets, str):
+        return list(targets)
+    if targets == "all_linear":
+        return ALL_LINEAR
+    presets = TARGET_PRESETS.get(model_type)
+    if presets is None:
+        raise ValueError(
+            f"lora.target_modules: preset {targets!r} is not defined for model type {model_type!r} "
+            f"(known: {', '.join(sorted(TARGET_PRESETS))}); list module names instead"
+        )
+    return list(presets[targets])
+
+
 def _matches(module_name: str, target: str) -> bool:
     # PEFT's rule for a list of targets: exact name or a dotted suffix of it
     return module_name == target or module_name.endswith("." + target)
@@ -101,14 +134,15 @@ def check_target_modules(model: nn.Module, targets: list[str], where: str = "lor
     return problems
 
 
-def lora_config(lora_spec: LoraSpec, data_spec: Any, modules_to_save: list[str] | None) -> Any:
+def lora_config(lora_spec: LoraSpec, data_spec: Any, modules_to_save: list[str] | None, model_type: str) -> Any:
     from peft import LoraConfig, TaskType
 
+    targets = resolve_targets(lora_spec.target_modules, model_type)
     return LoraConfig(
         r=lora_spec.r,
-        lora_alpha=lora_spec.alpha,
+        lora_alpha=lora_spec.effective_alpha,
         lora_dropout=lora_spec.dropout,
-        target_modules=ALL_LINEAR if lora_spec.target_modules == [ALL_LINEAR] else list(lora_spec.target_modules),
+        target_modules=ALL_LINEAR if targets in ([ALL_LINEAR], ALL_LINEAR) else targets,
         modules_to_save=modules_to_save,
         use_rslora=lora_spec.use_rslora,
         task_type=TaskType.SEQ_CLS if is_classification(data_spec) else TaskType.CAUSAL_LM,
@@ -125,7 +159,8 @@ def attach_lora(base_model: nn.Module, lora_spec: LoraSpec, data_spec: Any) -> n
         # both train in full and are saved with the adapter; otherwise a user loading
         # the adapter would get a freshly random head.
         modules_to_save = head_modules(base_model)
-    return get_peft_model(base_model, lora_config(lora_spec, data_spec, modules_to_save))
+    model_type = getattr(base_model.config, "model_type", "")
+    return get_peft_model(base_model, lora_config(lora_spec, data_spec, modules_to_save, model_type))
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -147,13 +147,26 @@ class DataToTextData(_DataCommon):
 DataSpec = Annotated[Union[ClassificationData, InstructionData, DataToTextData], Field(discriminator="kind")]
 
 
+class AlphaRule(StrictModel):
+    """alpha as a rule of r: `{times_r: k}` gives alpha = k·r (the update scale alpha/r stays k)."""
+
+    times_r: float = Field(gt=0, description="alpha = times_r · r.")
+
+
+# Target-module presets, resolved against the model's architecture (`model_type`).
+TARGET_PRESETS = ("attention_qv", "attention_all", "attention_mlp", "all_linear")
+
+
 class LoraSpec(StrictModel):
     r: int = Field(8, description="LoRA rank: the inner dimension of B·A.")
-    alpha: float = Field(16.0, description="Scale numerator: the update is (alpha / r)·B·A.")
+    alpha: float | AlphaRule = Field(
+        16.0, description="Scale numerator, (alpha / r)·B·A: a number (fixed across ranks) or {times_r: k}."
+    )
     dropout: float = Field(0.1, description="Dropout on the LoRA input, 0 <= p < 1.")
-    target_modules: list[str] = Field(
+    target_modules: list[str] | str = Field(
         default_factory=lambda: ["query", "value"],
-        description="Module names (suffixes) that get adapters; each must exist in the model.",
+        description="Module names (suffixes) that get adapters, each must exist in the model; or a preset: "
+        "attention_qv, attention_all, attention_mlp, all_linear.",
     )
     modules_to_save: list[str] | None = Field(
         None,
@@ -178,10 +191,18 @@ class LoraSpec(StrictModel):
 
     @field_validator("alpha")
     @classmethod
-    def _positive_alpha(cls, value: float) -> float:
-        if not math.isfinite(value) or value <= 0:
+    def _positive_alpha(cls, value: float | AlphaRule) -> float | AlphaRule:
+        if isinstance(value, float) and (not math.isfinite(value) or value <= 0):
             raise ValueError(f"lora.alpha must be > 0, got {value}")
         return value
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha.times_r * self.r if isinstance(self.alpha, AlphaRule) else self.alpha
+
+    @property
+    def targets_label(self) -> str:
+        return self.target_modules if isinstance(self.target_modules, str) else "+".join(self.target_modules)
 
     @field_validator("dropout")
     @classmethod
@@ -192,7 +213,12 @@ class LoraSpec(StrictModel):
 
     @field_validator("target_modules")
     @classmethod
-    def _nonempty_targets(cls, value: list[str]) -> list[str]:
+    def _nonempty_targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            if value not in TARGET_PRESETS:
+                raise ValueError(f"lora.target_modules: unknown preset {value!r}; use one of "
+                                 f"{', '.join(TARGET_PRESETS)} or a list of module names")
+            return value
         if not value or any(not name.strip() for name in value):
             raise ValueError("lora.target_modules must be a non-empty list of module names")
         return value
@@ -313,6 +339,9 @@ class TrainSpec(StrictModel):
         return _finite_positive(value, "train.lr")
 
 
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "pow2")
+
+
 class ParamDomain(StrictModel):
     """One sweep dimension: exactly one of grid / choice / uniform / loguniform / randint."""
 
@@ -321,12 +350,15 @@ class ParamDomain(StrictModel):
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
     randint: tuple[int, int] | None = None
+    pow2: tuple[int, int] | None = Field(
+        None, description="Every power of two in [lo, hi], e.g. ranks [1, 1024]: a grid for searcher grid, a choice otherwise."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ParamDomain":
-        given = [name for name in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, name) is not None]
+        given = [name for name in DOMAIN_KINDS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of grid, choice, uniform, loguniform, randint")
+            raise ValueError("give exactly one of " + ", ".join(DOMAIN_KINDS))
         kind = given[0]
         if kind in ("grid", "choice") and not getattr(self, kind):
             raise ValueError(f"{kind} must list at least one value")
@@ -336,17 +368,26 @@ class ParamDomain(StrictModel):
                 raise ValueError(f"{kind} lower bound must be < upper bound, got [{low}, {high}]")
             if kind == "loguniform" and low <= 0:
                 raise ValueError(f"loguniform bounds must be > 0, got [{low}, {high}]")
+        if kind == "pow2":
+            low, high = self.pow2
+            if not 1 <= low <= high:
+                raise ValueError(f"pow2 bounds must satisfy 1 <= lo <= hi, got [{low}, {high}]")
         return self
 
     @property
     def kind(self) -> str:
-        return next(n for n in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, n) is not None)
+        return next(n for n in DOMAIN_KINDS if getattr(self, n) is not None)
+
+    @property
+    def finite(self) -> bool:
+        return self.kind in ("grid", "choice", "pow2")
 
     def values(self) -> list[Any]:
         """Every value a finite domain can take; bounds for continuous ones."""
-        kind = self.kind
-        value = getattr(self, kind)
-        return list(value)
+        if self.kind == "pow2":
+            low, high = self.pow2
+            return [2**k for k in range(math.ceil(math.log2(low)), math.floor(math.log2(high)) + 1)]
+        return list(getattr(self, self.kind))
 
 
 class AshaSpec(StrictModel):
@@ -356,7 +397,11 @@ class AshaSpec(StrictModel):
 
 class SweepSpec(StrictModel):
     searcher: Literal["grid", "random", "optuna"] = "grid"
-    scheduler: Literal["asha", "fifo"] = "asha"
+    scheduler: Literal["asha", "median", "fifo"] = Field(
+        "asha", description="asha: successive halving; median: stop trials below the median of others at the same "
+        "evaluation; fifo: run every trial to the end."
+    )
+    median_min_samples: int = Field(2, gt=0, description="median: trials needed at an evaluation before any is stopped.")
     metric: str = Field("eval_accuracy", description="Reported metric the sweep optimizes.")
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, gt=0, description="Samples per grid point (grid/random) or trials (optuna).")
@@ -376,9 +421,9 @@ class SweepSpec(StrictModel):
     @model_validator(mode="after")
     def _searcher_domains(self) -> "SweepSpec":
         for path, domain in self.parameters.items():
-            if self.searcher == "grid" and domain.kind != "grid":
+            if self.searcher == "grid" and domain.kind not in ("grid", "pow2"):
                 raise ValueError(
-                    f"sweep.parameters.{path}: searcher 'grid' takes only `grid:` lists, got `{domain.kind}:` "
+                    f"sweep.parameters.{path}: searcher 'grid' takes only `grid:` or `pow2:`, got `{domain.kind}:` "
                     "(use searcher: random or optuna for sampled domains)"
                 )
             if self.searcher == "optuna" and domain.kind == "grid":
@@ -390,8 +435,8 @@ class SweepSpec(StrictModel):
     def trial_count(self) -> int:
         grid_points = 1
         for domain in self.parameters.values():
-            if domain.kind == "grid":
-                grid_points *= len(domain.grid or [])
+            if domain.kind == "grid" or (domain.kind == "pow2" and self.searcher == "grid"):
+                grid_points *= len(domain.values())
         return grid_points * self.num_samples
 
 
@@ -455,7 +500,7 @@ class ExperimentConfig(StrictModel):
             except KeyError:
                 problems.append(f"sweep.parameters.{path}: no such config field")
                 continue
-            candidates = domain.values() if domain.kind in ("grid", "choice") else list(getattr(domain, domain.kind))
+            candidates = domain.values()
             for value in candidates:
                 trial = copy.deepcopy(base)
                 _set_path(trial, path, value)

@@ -53,13 +53,22 @@ def check_targets(config: ExperimentConfig, trial_configs: list[ExperimentConfig
     problems: list[str] = []
     seen: set[tuple[str, ...]] = set()
     swept = "lora.target_modules" in config.sweep.parameters
+    model_type = getattr(skeleton.config, "model_type", "")
     for cfg in trial_configs:
-        key = tuple(cfg.lora.target_modules)
+        targets = cfg.lora.target_modules
+        key = targets if isinstance(targets, str) else tuple(targets)
         if key in seen:
             continue
         seen.add(key)
         where = "sweep.parameters.lora.target_modules" if swept else "lora.target_modules"
-        problems += check_target_list(skeleton, list(key), where)
+        try:
+            resolved = adapters.resolve_targets(targets, model_type)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if isinstance(targets, str):
+            log.info("lora.target_modules preset %s -> %s for model type %s", targets, resolved, model_type)
+        problems += check_target_list(skeleton, [resolved] if isinstance(resolved, str) else resolved, where)
         if cfg.lora.modules_to_save:
             problems += [p for p in adapters.check_target_modules(skeleton, cfg.lora.modules_to_save, "lora.modules_to_save")
                          if "matches no module" in p]

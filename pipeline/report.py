@@ -8,20 +8,18 @@ from typing import Any
 from pipeline.sweep import TrialSummary
 
 
-def _targets(summary: TrialSummary, config: Any) -> str:
-    value = summary.sampled.get("lora.target_modules", config.lora.target_modules)
-    return "+".join(value) if isinstance(value, list) else str(value)
-
-
 def trial_rows(trials: list[TrialSummary], config: Any) -> list[dict[str, Any]]:
-    """One row per trial: the sampled knobs, its best metric and wall time."""
+    """One row per trial: the knobs it ran with, its best metric and wall time."""
     rows = []
     for t in trials:
+        cfg = config.trial_config(t.sampled)
         rows.append({
             "trial": t.trial_name,
-            "r": t.sampled.get("lora.r", config.lora.r),
-            "targets": _targets(t, config),
-            "lr": t.sampled.get("train.lr", config.train.lr),
+            "strategy": cfg.strategy.kind,
+            "r": cfg.lora.r,
+            "alpha": cfg.lora.effective_alpha,
+            "targets": cfg.lora.targets_label,
+            "lr": cfg.train.lr,
             "trainable": t.last_result.get("trainable_params"),
             config.sweep.metric: t.best_metric,
             "steps": t.last_result.get("step"),
@@ -43,7 +41,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
 
     table = Table(title=title)
     for column in rows[0]:
-        table.add_column(column, justify="right" if column not in ("trial", "targets", "status") else "left")
+        table.add_column(column, justify="right" if column not in ("trial", "strategy", "targets", "status") else "left")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row.values()))
     console = Console()
@@ -61,10 +59,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def learning_curves_png(histories: dict[str, list[tuple[int, float]]], metric: str, path: Path) -> Path:
     """Metric vs step, one line per trial."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in sorted(histories.items()):
@@ -76,6 +71,78 @@ def learning_curves_png(histories: dict[str, list[tuple[int, float]]], metric: s
     ax.set_title(f"{metric} per trial")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _best_by(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[tuple[str, int], float]:
+    """(targets, r) -> the best metric over repeats (seeds, lrs) of that cell."""
+    pick = max if mode == "max" else min
+    cells: dict[tuple[str, int], float] = {}
+    for row in rows:
+        value = row.get(metric)
+        if value is None:
+            continue
+        key = (row["targets"], int(row["r"]))
+        cells[key] = pick(cells[key], value) if key in cells else value
+    return cells
+
+
+def metric_vs_rank_png(rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> Path:
+    """The LoRA paper's rank study view: metric vs r (log2 axis), one line per target set."""
+    plt = _plt()
+    cells = _best_by(rows, metric, mode)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for targets in sorted({t for t, _ in cells}):
+        points = sorted((r, v) for (t, r), v in cells.items() if t == targets)
+        ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=targets)
+    ax.set_xscale("log", base=2)
+    ranks = sorted({r for _, r in cells})
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs rank")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def rank_targets_heatmap_png(rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> Path:
+    """rank x target set, each cell the best metric of its trials (blank where none reported)."""
+    import numpy as np
+
+    plt = _plt()
+    cells = _best_by(rows, metric, mode)
+    targets = sorted({t for t, _ in cells})
+    ranks = sorted({r for _, r in cells})
+    grid = np.full((len(targets), len(ranks)), np.nan)
+    for (t, r), v in cells.items():
+        grid[targets.index(t), ranks.index(r)] = v
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ranks), 1.2 + 0.6 * len(targets)))
+    image = ax.imshow(grid, cmap="viridis" if mode == "max" else "viridis_r", aspect="auto")
+    ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+    ax.set_yticks(range(len(targets)), targets, fontsize=8)
+    ax.set_xlabel("LoRA rank r")
+    for i in range(len(targets)):
+        for j in range(len(ranks)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(f"{metric}: rank x targets")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -131,6 +131,11 @@ def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: s
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         report.learning_curves_png(histories, metric, out / "learning_curves.png")
+        pictures = ["![learning curves](learning_curves.png)"]
+        if len({(row["r"], row["targets"]) for row in rows}) > 1:
+            report.metric_vs_rank_png(rows, metric, config.sweep.mode, out / "metric_vs_rank.png")
+            report.rank_targets_heatmap_png(rows, metric, config.sweep.mode, out / "rank_targets_heatmap.png")
+            pictures += ["![metric vs rank](metric_vs_rank.png)", "![rank x targets](rank_targets_heatmap.png)"]
         lines = [
             f"# {config.name}",
             "",
@@ -144,7 +149,7 @@ def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: s
             "",
             report.markdown_table(rows),
             "",
-            "![learning curves](learning_curves.png)",
+            *pictures,
         ]
         (out / "report.md").write_text("\n".join(lines) + "\n")
         mlflow_client.log_artifacts(parent_run_id, str(out), "report")

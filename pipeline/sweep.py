@@ -38,12 +38,14 @@ def _path(key: str) -> str:
     return key.replace("__", ".")
 
 
-def tune_domain(domain: ParamDomain) -> Any:
+def tune_domain(domain: ParamDomain, searcher: str = "grid") -> Any:
     from ray import tune
 
     match domain.kind:
         case "grid":
             return tune.grid_search(domain.grid)
+        case "pow2":
+            return tune.grid_search(domain.values()) if searcher == "grid" else tune.choice(domain.values())
         case "choice":
             return tune.choice(domain.choice)
         case "uniform":
@@ -67,8 +69,7 @@ def candidate_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
     """Every trial config a finite search space can produce (bounds for continuous domains)."""
     axes = []
     for path, domain in config.sweep.parameters.items():
-        values = getattr(domain, domain.kind)
-        axes.append([(path, v) for v in values])
+        axes.append([(path, v) for v in domain.values()])
     return [config.trial_config(dict(combo)) for combo in itertools.product(*axes)] or [config.trial_config({})]
 
 
@@ -331,7 +332,7 @@ def run_sweep(
 ) -> SweepResult:
     """Run every trial of the sweep under Tune and return their summaries, best first by the metric."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     sweep = config.sweep
     max_t = max(reports_per_trial(c, num_train_examples) for c in candidate_configs(config))
@@ -340,6 +341,11 @@ def run_sweep(
             scheduler = ASHAScheduler(
                 time_attr="training_iteration", max_t=max_t,
                 grace_period=min(sweep.asha.grace_period, max_t), reduction_factor=sweep.asha.reduction_factor,
+            )
+        case "median":
+            scheduler = MedianStoppingRule(
+                time_attr="training_iteration", grace_period=min(sweep.asha.grace_period, max_t),
+                min_samples_required=sweep.median_min_samples,
             )
         case "fifo":
             scheduler = FIFOScheduler()
@@ -360,7 +366,7 @@ def run_sweep(
         "parent_run_id": parent_run_id,
         "train_storage_path": str(train_storage_path),
     }
-    param_space = {_key(path): tune_domain(domain) for path, domain in sweep.parameters.items()}
+    param_space = {_key(path): tune_domain(domain, sweep.searcher) for path, domain in sweep.parameters.items()}
     started = time.time()
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_ACTOR_RESOURCES),

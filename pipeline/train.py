@@ -218,7 +218,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         # one plain line per refresh: Ray forwards worker output line by line, and a trial
         # that ASHA stops is killed, so a redrawn bar would be left dangling in the driver
         progress = tqdm(total=total_steps, initial=step, file=_LineWriter(sys.stderr), mininterval=10, ascii=True,
-                        ncols=100, desc=f"{config.strategy.kind} r={config.lora.r} {'+'.join(config.lora.target_modules)}")
+                        ncols=100, desc=f"{config.strategy.kind} r={config.lora.r} {config.lora.targets_label}")
 
     # ---- the loop
     model.train()

@@ -52,7 +52,7 @@ def test_quickstart_config_loads():
         ("train.lr_scheduler=cosine_restarts", "train.lr_scheduler: Input should be 'linear', 'cosine' or 'constant'"),
         ("train.optimizer=sgd", "train.optimizer: Input should be 'adamw'"),
         ("sweep.searcher=hyperopt", "sweep.searcher: Input should be 'grid', 'random' or 'optuna'"),
-        ("sweep.scheduler=pbt2", "sweep.scheduler: Input should be 'asha' or 'fifo'"),
+        ("sweep.scheduler=pbt2", "sweep.scheduler: Input should be 'asha', 'median' or 'fifo'"),
         ("sweep.num_samples=0", "sweep.num_samples: Input should be greater than 0"),
         ("data.num_labels=1", "data.num_labels: Input should be greater than or equal to 2"),
         ("data.train_path=train.parquet", "data.train_path: must be a .jsonl, .json or .csv file"),
@@ -117,7 +117,9 @@ def test_sweep_space_shape_errors(tmp_path: Path, base: dict):
     base["sweep"] = {"searcher": "random", "parameters": {"train.lr": {"loguniform": [0, 1e-2]}}}
     assert "loguniform bounds must be > 0" in problems_for(tmp_path, base)
     base["sweep"] = {"searcher": "grid", "parameters": {"train.lr": {"uniform": [1e-4, 1e-2]}}}
-    assert "searcher 'grid' takes only `grid:` lists" in problems_for(tmp_path, base)
+    assert "searcher 'grid' takes only `grid:` or `pow2:`" in problems_for(tmp_path, base)
+    base["sweep"] = {"searcher": "grid", "parameters": {"lora.r": {"pow2": [8, 2]}}}
+    assert "pow2 bounds must satisfy 1 <= lo <= hi" in problems_for(tmp_path, base)
     base["sweep"] = {"searcher": "optuna", "parameters": {"lora.r": {"grid": [2, 4]}}}
     assert "searcher 'optuna' cannot take `grid:`; use `choice:` instead" in problems_for(tmp_path, base)
     base["sweep"] = {"parameters": {"lora.rank": {"grid": [2, 4]}}}
@@ -151,3 +153,37 @@ def test_trial_config_applies_sampled_values(base: dict, tmp_path: Path):
     assert trial.sweep.parameters == {}
     assert isinstance(ExperimentConfig.model_validate(trial.model_dump(mode="json")), ExperimentConfig)
     assert not math.isnan(trial.train.lr)
+
+
+def test_rank_log_range_alpha_rules_and_presets(tmp_path: Path, base: dict):
+    """Search spaces in the LoRA paper's terms: r over powers of two, alpha fixed or k·r, target presets."""
+    from pipeline import sweep
+
+    base["sweep"] = {"searcher": "grid", "scheduler": "median", "max_trials": 64, "parameters": {
+        "lora.r": {"pow2": [1, 1024]},
+        "lora.alpha": {"grid": [16, {"times_r": 2}]},
+        "lora.target_modules": {"grid": ["attention_qv", "attention_all"]},
+    }}
+    config = load_config(write_yaml(tmp_path / "c.yaml", base), env={})
+    assert config.sweep.parameters["lora.r"].values() == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    assert config.sweep.trial_count() == 11 * 2 * 2
+    trials = sweep.candidate_configs(config)
+    assert {(c.lora.r, c.lora.effective_alpha) for c in trials if c.lora.r == 64} == {(64, 16.0), (64, 128.0)}
+    # random/optuna sample the same powers of two
+    base["sweep"] = {"searcher": "random", "num_samples": 3, "parameters": {"lora.r": {"pow2": [4, 64]}}}
+    config = load_config(write_yaml(tmp_path / "c.yaml", base), env={})
+    assert sweep.tune_domain(config.sweep.parameters["lora.r"], "random").categories == [4, 8, 16, 32, 64]
+    assert "unknown preset 'attention_q'" in problems_for(tmp_path, base, ["lora.target_modules=attention_q"])
+    assert "lora.alpha" in problems_for(tmp_path, base, ["lora.alpha={times_r: 0}"])
+
+
+def test_presets_resolve_per_architecture():
+    from pipeline.adapters import ALL_LINEAR, resolve_targets
+
+    assert resolve_targets("attention_qv", "bert") == ["query", "value"]
+    assert resolve_targets("attention_mlp", "llama")[-3:] == ["gate_proj", "up_proj", "down_proj"]
+    assert resolve_targets("attention_qv", "gpt2") == ["c_attn"]
+    assert resolve_targets("all_linear", "anything") == ALL_LINEAR
+    assert resolve_targets(["q", "v"], "bert") == ["q", "v"]
+    with pytest.raises(ValueError, match="not defined for model type 'mamba'"):
+        resolve_targets("attention_qv", "mamba")

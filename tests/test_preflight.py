@@ -200,3 +200,19 @@ def test_any_labelled_csv_runs_by_config_alone(tmp_path: Path, base: dict):
     assert preflight.check(cfg, sweep.candidate_configs(cfg)).train_rows == 30
     message = preflight_message(tmp_path, base, ["data.num_labels=2"])
     assert "label 2 outside [0, 2)" in message
+
+
+@pytest.mark.parametrize("preset", ["attention_qv", "attention_all", "attention_mlp", "all_linear"])
+def test_target_presets_resolve_against_the_real_model(tmp_path: Path, base: dict, preset: str, caplog):
+    import logging
+
+    cfg = load(tmp_path, base, [f"lora.target_modules={preset}"])
+    with caplog.at_level(logging.INFO, logger="loraforge"):
+        assert preflight.check_targets(cfg, [cfg]) == []
+    assert f"preset {preset} -> " in caplog.text and "model type bert" in caplog.text  # shown to the user
+    from pipeline import adapters
+
+    model = adapters.attach_lora(adapters.load_base_model(cfg.model, cfg.data), cfg.lora, cfg.data)
+    wrapped = {name.rsplit(".", 1)[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    expected_layers = {"attention_qv": 12, "attention_all": 24, "attention_mlp": 36, "all_linear": 36}[preset]
+    assert len(wrapped) == expected_layers  # 6 layers x (2 | 4 | 6 | 6) linear modules
