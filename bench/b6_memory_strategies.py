@@ -65,7 +65,8 @@ def base_bytes(model) -> dict:
                 nbytes += state_bytes(state)
             total_bytes += nbytes
             total_params += logical
-            if type(module).__name__ in ("Linear", "Linear4bit") and name == "weight":
+            # the transformer's linear layers (the output head stays unquantized under QLoRA)
+            if type(module).__name__ in ("Linear", "Linear4bit") and name == "weight" and "lm_head" not in module_name:
                 linear_bytes += nbytes
                 linear_params += logical
     return {"bytes_per_param": total_bytes / total_params, "linear_bytes_per_param": linear_bytes / linear_params,

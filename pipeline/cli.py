@@ -32,6 +32,8 @@ def run(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Experiment YAML, e.g. configs/quickstart.yaml.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY.SUB=VALUE]...", help="Config overrides.")] = None,
     reports_dir: Annotated[Optional[Path], typer.Option(help="Also write report.md and plots here.")] = Path("reports"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted sweep of this experiment: "
+                                         "finished trials kept, the others continued from their checkpoints.")] = False,
 ) -> None:
     """Run the sweep in CONFIG end to end and register its winner."""
     from pipeline.config import ConfigError, load_config
@@ -45,7 +47,7 @@ def run(
     from pipeline.sweep import SweepError
 
     try:
-        result = run_pipeline(config, reports_dir=reports_dir)
+        result = run_pipeline(config, reports_dir=reports_dir, resume=resume)
     except ConfigError as err:
         fail_config(err)
     except SweepError as err:

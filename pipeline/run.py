@@ -7,6 +7,7 @@ exists, any failure marks it FAILED before the error propagates.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -60,10 +61,23 @@ def connect_ray(config: ExperimentConfig) -> None:
                  runtime_env=runtime_env, log_to_driver=True)
 
 
-def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None) -> PipelineResult:
-    """Run sweep -> train -> track -> register -> evaluate for `config`; raises ConfigError before any work."""
+def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, resume: bool = False) -> PipelineResult:
+    """Run sweep -> train -> track -> register -> evaluate for `config`; raises ConfigError before any work.
+
+    `resume=True` continues the newest interrupted sweep of `config.name` (Tune restore:
+    finished trials kept, the others continued from their checkpoints) under its MLflow parent run.
+    """
     for key, value in _RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    resume_dir, parent_run_id = None, None
+    if resume:
+        resume_dir = sweep.find_resumable(config)
+        state = json.loads((resume_dir / sweep.RUN_STATE).read_text())
+        stored = ExperimentConfig.model_validate(state["config"])
+        if stored.model_dump(mode="json") != config.model_dump(mode="json"):
+            log.warning("--resume: continuing %s with the config it started with, not the one given now", resume_dir)
+        config, parent_run_id = stored, state["parent_run_id"]
+        log.info("resuming sweep %s (MLflow parent run %s)", resume_dir, parent_run_id)
 
     trial_configs = sweep.candidate_configs(config)
     data_summary = preflight.check(config, trial_configs)
@@ -74,9 +88,13 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None) -
     log.info("sweep %s: %d trials, %d at a time, %d training rows", config.name, trial_count, concurrency, data_summary.train_rows)
 
     mlflow_client = tracking.client(config.tracking.tracking_uri)
-    parent_run_id = tracking.start_parent_run(mlflow_client, experiment_id, config, trial_count)
+    if parent_run_id is None:
+        parent_run_id = tracking.start_parent_run(mlflow_client, experiment_id, config, trial_count)
+    else:
+        mlflow_client.update_run(parent_run_id, status="RUNNING")
     try:
-        result = _run_stages(config, mlflow_client, experiment_id, parent_run_id, data_summary, concurrency, reports_dir)
+        result = _run_stages(config, mlflow_client, experiment_id, parent_run_id, data_summary, concurrency,
+                             reports_dir, resume_dir)
     except BaseException:
         mlflow_client.set_terminated(parent_run_id, status="FAILED")
         raise
@@ -85,10 +103,11 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None) -
 
 
 def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str, parent_run_id: str,
-                data_summary: preflight.DataSummary, concurrency: int, reports_dir: Path | None) -> PipelineResult:
+                data_summary: preflight.DataSummary, concurrency: int, reports_dir: Path | None,
+                resume_dir: Path | None = None) -> PipelineResult:
     sweep_result = sweep.run_sweep(
         config, experiment_id=experiment_id, parent_run_id=parent_run_id,
-        num_train_examples=data_summary.train_rows, concurrency=concurrency,
+        num_train_examples=data_summary.train_rows, concurrency=concurrency, resume_dir=resume_dir,
     )
     best = sweep_result.best
     metric = config.sweep.metric

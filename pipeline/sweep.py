@@ -223,7 +223,7 @@ def best_complete_checkpoint(train_run_dir: Path, metric: str, mode: str) -> tup
     return (max if mode == "max" else min)(reversed(scored), key=lambda item: item[1])
 
 
-def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, max_t: int,
+def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str,
                    train_storage_path: Path) -> Any:
     from ray.train import Checkpoint
     from ray.tune import Callback
@@ -262,14 +262,16 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             summary.error = error
             mlflow_client = tracking.client(config.tracking.tracking_uri)
             summary.run_id = tracking.find_trial_run(mlflow_client, experiment_id, parent_run_id, trial.trial_id)
-            reports = summary.last_result.get("training_iteration", 0)
+            # finished = trained all its epochs (a trial resumed after a driver restart reports fewer times)
+            epochs = config.trial_config(summary.sampled).train.epochs
+            trained_all = summary.last_result.get("epoch", 0) >= epochs - 1e-9
             match status:
                 case "FAILED":
                     summary.status = "ERROR"
                 case "KILLED":
                     summary.status = "BUDGET"  # cut off by sweep.time_budget_s
                 case _:
-                    summary.status = "STOPPED" if reports < max_t else "DONE"
+                    summary.status = "DONE" if trained_all else "STOPPED"
             if summary.run_id is None:
                 return
             mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
@@ -327,10 +329,63 @@ class SweepResult:
     wall_s: float
 
 
+RUN_STATE = "loraforge_run.json"
+
+
+def write_run_state(run_dir: Path, experiment_id: str, parent_run_id: str, config: ExperimentConfig) -> None:
+    """What `--resume` needs besides Tune's own state: the MLflow ids and the config the sweep ran with."""
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_STATE).write_text(json.dumps({
+        "experiment_id": experiment_id, "parent_run_id": parent_run_id, "config": config.model_dump(mode="json"),
+    }, indent=1))
+
+
+def find_resumable(config: ExperimentConfig) -> Path:
+    """The newest sweep directory of this experiment that Tune can restore; ConfigError if none."""
+    import re
+
+    from ray import tune
+
+    storage = config.ray.storage_path
+    pattern = re.compile(re.escape(config.name) + r"(-\d+)?")
+    runs = [d for d in storage.glob(f"{config.name}*") if pattern.fullmatch(d.name) and (d / RUN_STATE).is_file()]
+    runs = [d for d in sorted(runs, key=lambda d: (d / RUN_STATE).stat().st_mtime, reverse=True) if tune.Tuner.can_restore(str(d))]
+    if not runs:
+        raise ConfigError([f"--resume: no interrupted sweep named {config.name!r} under ray.storage_path={storage}; "
+                           "run without --resume to start one"])
+    return runs[0]
+
+
+def _summary_from_tracking(config: ExperimentConfig, experiment_id: str, parent_run_id: str, trial_id: str,
+                           sampled: dict[str, Any], train_storage_path: Path) -> TrialSummary:
+    """A trial that finished before the driver was restarted: rebuilt from MLflow and checkpoint storage."""
+    mlflow_client = tracking.client(config.tracking.tracking_uri)
+    summary = TrialSummary(trial_id, f"trial_{trial_id}", sampled, finished=True)
+    summary.run_id = tracking.find_trial_run(mlflow_client, experiment_id, parent_run_id, trial_id)
+    if summary.run_id is not None:
+        run = mlflow_client.get_run(summary.run_id)
+        summary.status = run.data.tags.get("loraforge.trial_status", "DONE")
+        summary.wall_s = run.data.metrics.get("best_wall_time_s", 0.0)
+        summary.last_result = {"trainable_params": run.data.params.get("trainable_params")}
+    best = best_complete_checkpoint(train_storage_path / f"train-{trial_id}", config.sweep.metric, config.sweep.mode)
+    if best is not None and summary.status != "ERROR":
+        summary.best_checkpoint, summary.best_metric = str(best[0]), best[1]
+        summary.last_result["step"] = ckpt.step_of(best[0])
+    return summary
+
+
 def run_sweep(
-    config: ExperimentConfig, *, experiment_id: str, parent_run_id: str, num_train_examples: int, concurrency: int
+    config: ExperimentConfig, *, experiment_id: str, parent_run_id: str, num_train_examples: int, concurrency: int,
+    resume_dir: Path | None = None,
 ) -> SweepResult:
-    """Run every trial of the sweep under Tune and return their summaries, best first by the metric."""
+    """Run every trial of the sweep under Tune and return their summaries, best first by the metric.
+
+    With `resume_dir` (an interrupted sweep) Tune restores it: finished trials are kept,
+    unfinished and errored ones run again, and each of those continues from its own Train
+    run's latest checkpoint (the Train run name is derived from the trial id).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
@@ -357,9 +412,10 @@ def run_sweep(
 
     storage_path = config.ray.storage_path
     storage_path.mkdir(parents=True, exist_ok=True)
-    run_name = unique_run_name(storage_path, config.name)
+    run_name = resume_dir.name if resume_dir else unique_run_name(storage_path, config.name)
     train_storage_path = storage_path / run_name / "train"
-    callback = _make_callback(config, experiment_id, parent_run_id, max_t, train_storage_path)
+    write_run_state(storage_path / run_name, experiment_id, parent_run_id, config)
+    callback = _make_callback(config, experiment_id, parent_run_id, train_storage_path)
     setup = {
         "experiment": config.model_dump(mode="json"),
         "experiment_id": experiment_id,
@@ -368,8 +424,21 @@ def run_sweep(
     }
     param_space = {_key(path): tune_domain(domain, sweep.searcher) for path, domain in sweep.parameters.items()}
     started = time.time()
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_ACTOR_RESOURCES)
+    if resume_dir is not None:
+        tuner = tune.Tuner.restore(str(resume_dir), trainable, resume_unfinished=True, resume_errored=True)
+        # the run config comes back from Tune's pickle with a stale copy of the callback; use this one
+        tuner._local_tuner.get_run_config().callbacks[:] = [callback]
+        results = tuner.fit()
+        for result in results:
+            trial_id = Path(result.path).name.removeprefix("trial_")
+            if trial_id not in callback.trials:
+                callback.trials[trial_id] = _summary_from_tracking(
+                    config, experiment_id, parent_run_id, trial_id,
+                    {_path(k): v for k, v in (result.config or {}).items()}, train_storage_path)
+        return _sweep_result(config, run_name, list(callback.trials.values()), started)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_ACTOR_RESOURCES),
+        trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, search_alg=search_alg,
@@ -380,7 +449,11 @@ def run_sweep(
         run_config=tune.RunConfig(name=run_name, storage_path=str(storage_path), callbacks=[callback], verbose=1),
     )
     tuner.fit()
-    trials = list(callback.trials.values())
+    return _sweep_result(config, run_name, list(callback.trials.values()), started)
+
+
+def _sweep_result(config: ExperimentConfig, run_name: str, trials: list[TrialSummary], started: float) -> SweepResult:
+    sweep = config.sweep
     scored = [t for t in trials if t.best_metric is not None and t.best_checkpoint and t.status != "ERROR"]
     if not scored:
         errors = "; ".join(f"{t.trial_name}: {(t.error or t.status).strip().splitlines()[-1]}" for t in trials)
