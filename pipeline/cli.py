@@ -87,5 +87,41 @@ def export(
                f"outputs on {report.examples} eval rows differ by at most {report.max_abs_diff:.3g}")
 
 
+@app.command()
+def similarity(
+    first: Annotated[str, typer.Argument(help="Adapter: folder, models:/name/version, models:/name@alias or runs:/id/adapter.")],
+    second: Annotated[str, typer.Argument(help="The adapter to compare with (same base model).")],
+    module: Annotated[Optional[str], typer.Option(help="Only modules whose name contains this, e.g. 'layer.5.attention.self.query'.")] = None,
+    tracking_uri: Annotated[str, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow store for URIs.")] = "sqlite:///mlruns.db",
+    out: Annotated[Path, typer.Option(help="Heatmap PNG of phi(i, j) for the deepest matching module.")] = Path("subspace_similarity.png"),
+) -> None:
+    """Normalized subspace similarity phi(A1, A2, i, j) between two adapters' A matrices (LoRA paper, section 7.2)."""
+    import tempfile
+
+    from pipeline import analysis, tracking
+    from pipeline.config import ConfigError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            dirs = [tracking.fetch_adapter(ref, tracking_uri, Path(tmp) / str(i)) for i, ref in enumerate((first, second))]
+            phis = analysis.compare_adapters(dirs[0], dirs[1], module)
+        except Exception as err:  # a bad reference or mismatched adapters: say which, exit 2
+            fail_config(ConfigError([f"similarity: {err}"]))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"phi(A1, A2, i, j): {first} vs {second}")
+    for column in ("module", "r1 x r2", "phi(1,1)", "mean phi(i, i)", "phi(r1, r2)"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for name, phi in phis.items():
+        k = min(phi.shape)
+        table.add_row(name.removeprefix("base_model.model."), f"{phi.shape[0]} x {phi.shape[1]}", f"{phi[0, 0]:.3f}",
+                      f"{sum(phi[i, i] for i in range(k)) / k:.3f}", f"{phi[-1, -1]:.3f}")
+    Console(width=160).print(table)
+    name, phi = list(phis.items())[-1]
+    analysis.similarity_png(phi, f"{name.removeprefix('base_model.model.')}", (first, second), out)
+    typer.echo(f"heatmap of {name.removeprefix('base_model.model.')} written to {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

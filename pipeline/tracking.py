@@ -231,3 +231,22 @@ def download_version(tracking_uri: str, model_name: str, version: str, dst_dir: 
     source = client(tracking_uri).get_model_version_download_uri(model_name, version)
     dst_dir.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=tracking_uri))
+
+
+def fetch_adapter(ref: str, tracking_uri: str, dst_dir: Path) -> Path:
+    """A local adapter folder for `ref`: a folder, `models:/name/version`, `models:/name@alias` or `runs:/id/path`."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    if ref.startswith("models:/"):
+        name, sep, alias = ref.removeprefix("models:/").partition("@")
+        if sep:
+            version = client(tracking_uri).get_model_version_by_alias(name, alias).version
+        else:
+            name, _, version = name.partition("/")
+        return download_version(tracking_uri, name, version, dst_dir)
+    if ref.startswith("runs:/"):
+        import mlflow.artifacts
+
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst_dir), tracking_uri=tracking_uri))
+    raise ValueError(f"{ref!r} is neither an adapter folder nor a models:/ or runs:/ URI")
