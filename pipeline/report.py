@@ -66,11 +66,16 @@ def learning_curves_png(histories: dict[str, list[tuple[int, float]]], metric: s
         if points:
             steps, values = zip(*sorted(points))
             ax.plot(steps, values, marker="o", markersize=3, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per trial")
+    return _save_line_plot(plt, fig, ax, ("optimizer step", metric, f"{metric} per trial"), 7, path)
+
+
+def _save_line_plot(plt: Any, fig: Any, ax: Any, labels: tuple[str, str, str], legend_size: int, path: Path) -> Path:
+    xlabel, ylabel, title = labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -110,15 +115,7 @@ def metric_vs_rank_png(rows: list[dict[str, Any]], metric: str, mode: str, path:
     ax.set_xscale("log", base=2)
     ranks = sorted({r for _, r in cells})
     ax.set_xticks(ranks, [str(r) for r in ranks])
-    ax.set_xlabel("LoRA rank r")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs rank")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_line_plot(plt, fig, ax, ("LoRA rank r", metric, f"{metric} vs rank"), 8, path)
 
 
 def rank_targets_heatmap_png(rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> Path:

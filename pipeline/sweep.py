@@ -329,6 +329,21 @@ class SweepResult:
     wall_s: float
 
 
+def make_scheduler(sweep: Any, max_t: int) -> Any:
+    """The Tune scheduler of `sweep.scheduler`; time is counted in evaluations (`training_iteration`)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    grace = min(sweep.asha.grace_period, max_t)
+    match sweep.scheduler:
+        case "asha":
+            return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
+                                 reduction_factor=sweep.asha.reduction_factor)
+        case "median":
+            return MedianStoppingRule(time_attr="training_iteration", grace_period=grace,
+                                      min_samples_required=sweep.median_min_samples)
+    return FIFOScheduler()
+
+
 RUN_STATE = "loraforge_run.json"
 
 
@@ -387,23 +402,10 @@ def run_sweep(
     run's latest checkpoint (the Train run name is derived from the trial id).
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     sweep = config.sweep
     max_t = max(reports_per_trial(c, num_train_examples) for c in candidate_configs(config))
-    match sweep.scheduler:
-        case "asha":
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration", max_t=max_t,
-                grace_period=min(sweep.asha.grace_period, max_t), reduction_factor=sweep.asha.reduction_factor,
-            )
-        case "median":
-            scheduler = MedianStoppingRule(
-                time_attr="training_iteration", grace_period=min(sweep.asha.grace_period, max_t),
-                min_samples_required=sweep.median_min_samples,
-            )
-        case "fifo":
-            scheduler = FIFOScheduler()
+    scheduler = make_scheduler(sweep, max_t)
     search_alg = None
     if sweep.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch

@@ -187,3 +187,19 @@ def test_presets_resolve_per_architecture():
     assert resolve_targets(["q", "v"], "bert") == ["q", "v"]
     with pytest.raises(ValueError, match="not defined for model type 'mamba'"):
         resolve_targets("attention_qv", "mamba")
+
+
+def test_schedulers_take_metric_free_settings_from_the_config(tmp_path: Path, base: dict):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    from pipeline.sweep import make_scheduler
+
+    base["sweep"] = {"scheduler": "median", "median_min_samples": 3, "asha": {"grace_period": 4}}
+    median = make_scheduler(load_config(write_yaml(tmp_path / "c.yaml", base), env={}).sweep, max_t=10)
+    assert isinstance(median, MedianStoppingRule)
+    assert (median._grace_period, median._min_samples_required, median._time_attr) == (4, 3, "training_iteration")
+    base["sweep"] = {"scheduler": "asha", "asha": {"grace_period": 40}}
+    asha = make_scheduler(load_config(write_yaml(tmp_path / "c.yaml", base), env={}).sweep, max_t=10)
+    assert isinstance(asha, ASHAScheduler) and asha._max_t == 10  # grace capped at max_t, else Ray refuses it
+    base["sweep"] = {"scheduler": "fifo"}
+    assert isinstance(make_scheduler(load_config(write_yaml(tmp_path / "c.yaml", base), env={}).sweep, 10), FIFOScheduler)

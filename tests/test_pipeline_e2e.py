@@ -56,7 +56,9 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
     assert (tmp_path / "reports" / "report.md").read_text().count("trial_") >= 4
     assert (tmp_path / "reports" / "learning_curves.png").stat().st_size > 1000
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
-    assert {"report/report.md", "report/learning_curves.png"} <= artifacts
+    assert {"report/report.md", "report/learning_curves.png", "report/metric_vs_rank.png",
+            "report/rank_targets_heatmap.png"} <= artifacts
+    assert (tmp_path / "reports" / "rank_targets_heatmap.png").stat().st_size > 1000
 
     # a user who knows only the URI: download, then plain transformers + peft
     import json
