@@ -61,12 +61,12 @@ def similarity_png(phi: np.ndarray, title: str, labels: tuple[str, str], path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.5 + 0.12 * phi.shape[1] + 2, 1.5 + 0.12 * phi.shape[0] + 1.5))
+    fig, ax = plt.subplots(figsize=(min(12.0, 3.5 + 0.12 * phi.shape[1]), 3.2 + 0.12 * phi.shape[0]))
     image = ax.imshow(phi, cmap="magma", vmin=0, vmax=1, aspect="auto", origin="upper",
                       extent=(0.5, phi.shape[1] + 0.5, phi.shape[0] + 0.5, 0.5))
-    ax.set_xlabel(f"j (top directions of {labels[1]})")
-    ax.set_ylabel(f"i (top directions of {labels[0]})")
-    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("j (top directions of A2)")
+    ax.set_ylabel("i (top directions of A1)")
+    ax.set_title(f"{title}\nA1 = {labels[0]}\nA2 = {labels[1]}", fontsize=8)
     fig.colorbar(image, ax=ax, label="phi(i, j)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
