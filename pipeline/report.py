@@ -140,7 +140,7 @@ def rank_targets_heatmap_png(rows: list[dict[str, Any]], metric: str, mode: str,
                 ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(image, ax=ax, label=metric)
     ax.set_title(f"{metric}: rank x targets")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # long target-set labels: let the saved image grow to fit them instead of squeezing the axes
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
