@@ -27,6 +27,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b2_trial_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b5_tokens_per_s.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b6_memory_strategies.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b1_asha_vs_grid.py
 
 clean:
 	rm -rf $(VENV) loraforge_results mlruns.db mlartifacts reports
