@@ -81,9 +81,9 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
 
 
 def resolve_targets(targets: list[str] | str, model_type: str) -> list[str] | str:
-    """A preset name -> this architecture's module names (`all_linear` -> PEFT's "all-linear"); lists pass through."""
+    """A preset name -> this architecture's module names; `all_linear` or `[all-linear]` -> PEFT's "all-linear"."""
     if not isinstance(targets, str):
-        return list(targets)
+        return ALL_LINEAR if list(targets) == [ALL_LINEAR] else list(targets)
     if targets == "all_linear":
         return ALL_LINEAR
     presets = TARGET_PRESETS.get(model_type)
@@ -142,7 +142,7 @@ def lora_config(lora_spec: LoraSpec, data_spec: Any, modules_to_save: list[str] 
         r=lora_spec.r,
         lora_alpha=lora_spec.effective_alpha,
         lora_dropout=lora_spec.dropout,
-        target_modules=ALL_LINEAR if targets in ([ALL_LINEAR], ALL_LINEAR) else targets,
+        target_modules=targets,
         modules_to_save=modules_to_save,
         use_rslora=lora_spec.use_rslora,
         task_type=TaskType.SEQ_CLS if is_classification(data_spec) else TaskType.CAUSAL_LM,

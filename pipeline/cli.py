@@ -65,7 +65,7 @@ def export(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The experiment YAML the adapter came from.")],
     out: Annotated[Path, typer.Option(help="Folder for the merged model (safetensors + tokenizer).")],
     adapter: Annotated[Optional[Path], typer.Option(help="A PEFT adapter folder (default: the registry).")] = None,
-    model_uri: Annotated[Optional[str], typer.Option(help="models:/<name>@<alias> (default: the config's name and alias).")] = None,
+    model_uri: Annotated[Optional[str], typer.Option(help="models:/<name>@<alias> or models:/<name>/<version> (default: the config's name and alias).")] = None,
 ) -> None:
     """Merge an adapter into a full-precision copy of its base (dequantized NF4 for QLoRA) and save it."""
     from pipeline.config import ConfigError, load_config

@@ -269,7 +269,7 @@ class Zero3OffloadStrategy(StrictModel):
         True, description="Must stay true: with it off, DeepSpeed saves empty adapters (peft#2892)."
     )
     load_in_4bit: QuantSpec | None = Field(
-        None, description="Quantize the sharded base to 4 bits (QLoRA under ZeRO-3; GPUs only)."
+        None, description="Quantize the sharded base to 4 bits (QLoRA under ZeRO-3)."
     )
 
     @field_validator("gather_16bit_weights_on_model_save")
@@ -305,7 +305,6 @@ class Zero3OffloadStrategy(StrictModel):
 # its own fields. `pipeline.strategies.strategy_for` maps each to its implementation.
 StrategySpec = Annotated[Union[LoraStrategy, QloraStrategy, Zero3OffloadStrategy], Field(discriminator="kind")]
 STRATEGY_KINDS = ("lora", "qlora", "zero3_offload")
-PAGED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit")
 
 
 class TrainSpec(StrictModel):
@@ -343,7 +342,7 @@ DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "pow2")
 
 
 class ParamDomain(StrictModel):
-    """One sweep dimension: exactly one of grid / choice / uniform / loguniform / randint."""
+    """One sweep dimension: exactly one of grid / choice / uniform / loguniform / randint / pow2."""
 
     grid: list[Any] | None = None
     choice: list[Any] | None = None
@@ -377,10 +376,6 @@ class ParamDomain(StrictModel):
     @property
     def kind(self) -> str:
         return next(n for n in DOMAIN_KINDS if getattr(self, n) is not None)
-
-    @property
-    def finite(self) -> bool:
-        return self.kind in ("grid", "choice", "pow2")
 
     def values(self) -> list[Any]:
         """Every value a finite domain can take; bounds for continuous ones."""

@@ -56,14 +56,13 @@ def merge(adapter_dir: Path, config: ExperimentConfig, out_dir: Path, num_exampl
     # the reference: the adapter on the base it was trained with (4-bit for QLoRA)
     unmerged = PeftModel.from_pretrained(strategies.inference_base(config), str(adapter_dir))
     expected = _outputs(unmerged, batch)
-    del unmerged
 
     if quantized:
-        # full-precision weights equal to the NF4 values the adapter saw in training
-        base = strategies.inference_base(config).dequantize().to(torch.float32)
-    else:
-        base = adapters.load_base_model(config.model, config.data)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        # merging into 4-bit weights would requantize; instead, full-precision weights equal to
+        # the NF4 values the adapter saw in training, with the adapter loaded on top again
+        base = unmerged.unload().dequantize().to(torch.float32)
+        unmerged = PeftModel.from_pretrained(base, str(adapter_dir))
+    merged = unmerged.merge_and_unload()
     got = _outputs(merged, batch)
     diff = float((got - expected).abs().max())
 
@@ -78,10 +77,8 @@ def merge(adapter_dir: Path, config: ExperimentConfig, out_dir: Path, num_exampl
 
 
 def merge_registered(config: ExperimentConfig, model_uri: str | None, out_dir: Path) -> MergeReport:
-    """Merge `models:/<name>@<alias>` (default: the config's registered model and alias)."""
-    name, alias = config.tracking.registered_model_name, config.tracking.alias
-    if model_uri:
-        name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    """Merge `models:/<name>@<alias>` or `models:/<name>/<version>` (default: the config's registered model and alias)."""
+    model_uri = model_uri or f"models:/{config.tracking.registered_model_name}@{config.tracking.alias}"
     with tempfile.TemporaryDirectory(prefix="loraforge-export-") as tmp:
-        adapter_dir = tracking.download_registered(config.tracking.tracking_uri, name, alias, Path(tmp))
+        adapter_dir = tracking.fetch_adapter(model_uri, config.tracking.tracking_uri, Path(tmp))
         return merge(adapter_dir, config, out_dir)

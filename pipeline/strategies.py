@@ -92,11 +92,12 @@ def torch_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch
 class _DataParallel:
     """Shared by the strategies whose base is replicated: DDP wrap, clip + step, rank-0 save."""
 
-    config: ExperimentConfig
-    worker: Worker
+    def __init__(self, config: ExperimentConfig, worker: Worker):
+        self.config, self.worker = config, worker
 
     def wrap(self, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
         self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         train = self.config.train
         self.optimizer = torch_optimizer(train.optimizer, _param_groups(model, train.weight_decay), train.lr)
         wrapped = model
@@ -111,8 +112,7 @@ class _DataParallel:
     def step(self) -> float | None:
         grad_norm = None
         if self.config.train.max_grad_norm is not None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.train.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -135,9 +135,6 @@ class _DataParallel:
 
 class PlainLora(_DataParallel):
     """Full-precision frozen base on every worker; DDP all-reduces adapter grads across workers."""
-
-    def __init__(self, config: ExperimentConfig, worker: Worker):
-        self.config, self.worker = config, worker
 
     def load_model(self) -> nn.Module:
         base = adapters.load_base_model(self.config.model, self.config.data)
@@ -197,7 +194,7 @@ class Qlora(_DataParallel):
     """4-bit frozen base (bitsandbytes) on every worker, LoRA adapters in full precision, DDP across workers."""
 
     def __init__(self, config: ExperimentConfig, worker: Worker):
-        self.config, self.worker = config, worker
+        super().__init__(config, worker)
         self.spec: QloraStrategy = config.strategy  # type: ignore[assignment]
 
     def load_model(self) -> nn.Module:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
-from pipeline import data, tracking
+from pipeline import adapters, data, tracking
 from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
 
 # The trial's own actor only builds a trainer and waits; it gets no CPU so that all
@@ -210,12 +210,10 @@ def _complete(checkpoint_dir: Path) -> bool:
 
 def best_complete_checkpoint(train_run_dir: Path, metric: str, mode: str) -> tuple[Path, float] | None:
     """The best checkpoint of a Train run whose files are all there, by the metric saved inside it."""
-    import json
-
     scored = []
     for checkpoint_dir in sorted(train_run_dir.glob("checkpoint_*")):
         if _complete(checkpoint_dir):
-            value = json.loads((checkpoint_dir / "loraforge.json").read_text()).get("metrics", {}).get(metric)
+            value = adapters.read_metadata(checkpoint_dir).get("metrics", {}).get(metric)
             if value is not None:
                 scored.append((checkpoint_dir, float(value)))
     if not scored:

@@ -240,9 +240,8 @@ def fetch_adapter(ref: str, tracking_uri: str, dst_dir: Path) -> Path:
     if ref.startswith("models:/"):
         name, sep, alias = ref.removeprefix("models:/").partition("@")
         if sep:
-            version = client(tracking_uri).get_model_version_by_alias(name, alias).version
-        else:
-            name, _, version = name.partition("/")
+            return download_registered(tracking_uri, name, alias, dst_dir)
+        name, _, version = name.partition("/")
         return download_version(tracking_uri, name, version, dst_dir)
     if ref.startswith("runs:/"):
         import mlflow.artifacts

@@ -85,6 +85,13 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
             correct += int(model(**enc).logits.argmax(-1).item() == row["label"])
     assert correct / len(rows) == pytest.approx(result.eval_metrics["eval_accuracy"], abs=1e-9)
 
+    # export straight from the registry, by alias (the default) and by version
+    from pipeline import export
+
+    for uri, out in ((None, tmp_path / "merged-alias"), (f"models:/test-sst2-lora/{version.version}", tmp_path / "merged-v")):
+        merged = export.merge_registered(config, uri, out)
+        assert merged.max_abs_diff < 1e-4 and (out / "model.safetensors").is_file()
+
 
 def test_time_budget_stops_the_sweep_and_keeps_the_best_checkpoint(tmp_path: Path, sst2_small, ray_local):
     raw = minilm_config(
