@@ -451,6 +451,9 @@ class RaySpec(StrictModel):
     address: str | None = Field(None, description="Cluster to join; RAY_ADDRESS overrides. None: a local instance.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local instance (default: all).")
     storage_path: Path = Field(Path("loraforge_results"), description="Where Ray Tune/Train keep trial state and checkpoints.")
+    warm_workers: bool = Field(True, description=(
+        "Local instance only: start the next trials' worker processes (training stack imported) while "
+        "the current ones train, so a trial does not wait for Python to start (see pipeline/warmpool.py)."))
 
 
 class ExperimentConfig(StrictModel):

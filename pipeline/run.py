@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import evaluate, preflight, report, sweep, tracking
+from pipeline import evaluate, preflight, report, sweep, tracking, warmpool
 from pipeline.config import ExperimentConfig
 
 log = logging.getLogger("loraforge")
@@ -44,21 +44,28 @@ class PipelineResult:
     rows: list[dict[str, Any]]
 
 
-def connect_ray(config: ExperimentConfig) -> None:
-    """Join `ray.address` (RAY_ADDRESS already folded into the config) or start a local instance."""
+def connect_ray(config: ExperimentConfig) -> bool:
+    """Join `ray.address` (RAY_ADDRESS already folded into the config) or start a local instance.
+
+    True when this call started a local instance: its processes inherit this process's
+    environment, so no job runtime env is needed (and the warm pool can match workers).
+    """
     import ray
 
     if ray.is_initialized():
-        return
-    env_vars = {k: os.environ[k] for k in _RAY_ENV_DEFAULTS if k in os.environ}
-    runtime_env = {"env_vars": env_vars}
+        return False
     if config.ray.address:
-        ray.init(address=config.ray.address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # the dashboard serves the state API, which Ray Train V2 uses to clean up
-        # finished trials' placement groups; without it later trials wait forever
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env, log_to_driver=True)
+        env_vars = {k: os.environ[k] for k in _RAY_ENV_DEFAULTS if k in os.environ}
+        ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        return False
+    # one machine has no spot preemption to watch; the watcher is one more process per trial
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # the dashboard serves the state API, which Ray Train V2 uses to clean up
+    # finished trials' placement groups; without it later trials wait forever
+    system_config = {"preload_python_modules": warmpool.PRELOAD_MODULES} if config.ray.warm_workers else None
+    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             _system_config=system_config)
+    return True
 
 
 def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, resume: bool = False) -> PipelineResult:
@@ -82,10 +89,13 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     trial_configs = sweep.candidate_configs(config)
     data_summary = preflight.check(config, trial_configs)
     experiment_id = tracking.preflight(config.tracking.tracking_uri, config.tracking.experiment_name)
-    connect_ray(config)
+    started_local = connect_ray(config)
     concurrency = sweep.plan_concurrency(trial_configs, sweep.cluster_resources(), config.sweep.max_concurrent_trials)
     trial_count = config.sweep.trial_count()
     log.info("sweep %s: %d trials, %d at a time, %d training rows", config.name, trial_count, concurrency, data_summary.train_rows)
+    warmpool.deactivate()
+    if started_local and config.ray.warm_workers:
+        warmpool.activate(max(c.train.num_workers for c in trial_configs), trial_count, concurrency)
 
     mlflow_client = tracking.client(config.tracking.tracking_uri)
     if parent_run_id is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
-from pipeline import adapters, data, tracking
+from pipeline import adapters, data, tracking, warmpool
 from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
 
 # The trial's own actor only builds a trainer and waits; it gets no CPU so that all
@@ -141,6 +141,7 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     `tune_config` holds only what the searcher sampled; `setup` (the experiment and
     where to track it) is the same for every trial and travels via the object store.
     """
+    trial_started = time.time()
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -154,19 +155,16 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
 
-    mlflow_client = tracking.client(config.tracking.tracking_uri)
-    run_id = tracking.find_trial_run(mlflow_client, setup["experiment_id"], setup["parent_run_id"], trial_id)
-    if run_id is None:
-        run_id = tracking.start_trial_run(
-            mlflow_client, setup["experiment_id"], setup["parent_run_id"], trial_id, trial_name, config, sampled
-        )
+    # the trial's MLflow run is found or created by the rank-0 worker, whose process has MLflow loaded
+    trial = {"experiment_id": setup["experiment_id"], "parent_run_id": setup["parent_run_id"],
+             "trial_id": trial_id, "trial_name": trial_name, "sampled": sampled, "started": trial_started}
     train = config.train
     resources_per_worker = {"CPU": train.cpus_per_worker}
     if train.gpus_per_worker:
         resources_per_worker["GPU"] = train.gpus_per_worker
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"experiment": config.model_dump(mode="json"), "mlflow_run_id": run_id},
+        train_loop_config={"experiment": config.model_dump(mode="json"), "trial": trial},
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.gpus_per_worker > 0, resources_per_worker=resources_per_worker
         ),
@@ -175,6 +173,8 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
             name=f"train-{trial_id}",
             storage_path=setup["train_storage_path"],
             callbacks=[TuneReportCallback()],
+            # workers started ahead by the warm pool have this runtime env (and the stack imported)
+            worker_runtime_env={"env_vars": warmpool.WORKER_ENV_VARS} if setup["warm_pool"] else None,
             # a dead worker restarts the whole group from the latest valid checkpoint
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -235,6 +235,8 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             self.trials: dict[str, TrialSummary] = {}
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if (pool := warmpool.current()) is not None:
+                pool.prepare(1)  # the processes of the trial that will follow this one in its slot
             sampled = {_path(k): v for k, v in trial.config.items()}
             self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), sampled))
 
@@ -421,6 +423,7 @@ def run_sweep(
         "experiment_id": experiment_id,
         "parent_run_id": parent_run_id,
         "train_storage_path": str(train_storage_path),
+        "warm_pool": warmpool.current() is not None,
     }
     param_space = {_key(path): tune_domain(domain, sweep.searcher) for path, domain in sweep.parameters.items()}
     started = time.time()

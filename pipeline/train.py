@@ -133,17 +133,23 @@ def _write_checkpoint(directory: Path, strategy: MemoryStrategy, rank: int, meta
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    """One worker of one trial. `loop_config` = {"experiment": config dict, "mlflow_run_id": str | None}.
+    """One worker of one trial. `loop_config` = {"experiment": config dict, "trial": dict | None}.
+
+    `trial` names the sweep's MLflow parent run and this trial (ids, sampled values, start
+    time); rank 0 finds the trial's nested run (a restarted worker group) or creates it.
 
     A worker group restarted by Ray Train (`train.max_failures`) resumes from the
     trial's latest valid checkpoint: adapter weights, optimizer and RNG state, step
     and position in the epoch.
     """
+    import psutil
     import ray.train
     import ray.train.torch
     from tqdm import tqdm
     from transformers import get_scheduler
 
+    # > 0: this process was started before its trial was (a warm-pool worker); < 0: on demand
+    worker_head_start = (loop_config.get("trial") or {}).get("started", time.time()) - psutil.Process().create_time()
     config = ExperimentConfig.model_validate(loop_config["experiment"])
     train_spec = config.train
     context = ray.train.get_context()
@@ -192,9 +198,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             scheduler.step()
 
     metric_buffer = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
+    if rank == 0 and (trial := loop_config.get("trial")):
         mlflow_client = tracking.client(config.tracking.tracking_uri)
-        run_id = loop_config["mlflow_run_id"]
+        run_id = tracking.find_trial_run(mlflow_client, trial["experiment_id"], trial["parent_run_id"], trial["trial_id"])
+        if run_id is None:
+            run_id = tracking.start_trial_run(mlflow_client, trial["experiment_id"], trial["parent_run_id"],
+                                              trial["trial_id"], trial["trial_name"], config, trial["sampled"])
         metric_buffer = tracking.MetricBuffer(mlflow_client, run_id)
         if resume_dir is None:
             tracking.log_params(mlflow_client, run_id, {
@@ -269,7 +278,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update({
                     "step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time,
                     "tokens_per_s": tokens_seen * world_size / max(loop_time, 1e-9),
-                    "trainable_params": trainable, "worker_restarts": restarts,
+                    "trainable_params": trainable, "worker_restarts": restarts, "worker_head_start_s": worker_head_start,
                 })
                 if metric_buffer is not None:
                     metric_buffer.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step)
