@@ -20,6 +20,7 @@ def trial_rows(trials: list[TrialSummary], config: Any) -> list[dict[str, Any]]:
             "alpha": cfg.lora.effective_alpha,
             "targets": cfg.lora.targets_label,
             "lr": cfg.train.lr,
+            "seed": cfg.train.seed,
             "trainable": t.last_result.get("trainable_params"),
             config.sweep.metric: t.best_metric,
             "steps": t.last_result.get("step"),
@@ -91,39 +92,53 @@ def _plt() -> Any:
     return plt
 
 
-def _best_by(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[tuple[str, int], float]:
-    """(targets, r) -> the best metric over repeats (seeds, lrs) of that cell."""
+def _by_seed(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[tuple[str, int], dict[int, float]]:
+    """(targets, r) -> {seed: the best metric of that seed's trials in the cell (other knobs, e.g. lr)}."""
     pick = max if mode == "max" else min
-    cells: dict[tuple[str, int], float] = {}
+    cells: dict[tuple[str, int], dict[int, float]] = {}
     for row in rows:
         value = row.get(metric)
         if value is None:
             continue
-        key = (row["targets"], int(row["r"]))
-        cells[key] = pick(cells[key], value) if key in cells else value
+        seeds = cells.setdefault((row["targets"], int(row["r"])), {})
+        seed = row.get("seed", 0)
+        seeds[seed] = pick(seeds[seed], value) if seed in seeds else value
     return cells
 
 
+def _mean_by(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[tuple[str, int], float]:
+    """(targets, r) -> the metric averaged over seeds (each seed's best over the other knobs)."""
+    return {key: sum(seeds.values()) / len(seeds) for key, seeds in _by_seed(rows, metric, mode).items()}
+
+
 def metric_vs_rank_png(rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> Path:
-    """The LoRA paper's rank study view: metric vs r (log2 axis), one line per target set."""
+    """The LoRA paper's rank study view: metric vs r (log2 axis), one line per target set.
+
+    With several seeds the line is their mean and each seed is a small dot.
+    """
     plt = _plt()
-    cells = _best_by(rows, metric, mode)
+    by_seed = _by_seed(rows, metric, mode)
+    seeds = {seed for values in by_seed.values() for seed in values}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for targets in sorted({t for t, _ in cells}):
-        points = sorted((r, v) for (t, r), v in cells.items() if t == targets)
-        ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=targets)
+    for targets in sorted({t for t, _ in by_seed}):
+        points = sorted((r, values) for (t, r), values in by_seed.items() if t == targets)
+        label = targets if len(seeds) == 1 else f"{targets} (mean of {len(seeds)} seeds)"
+        line, = ax.plot([r for r, _ in points], [sum(v.values()) / len(v) for _, v in points], marker="o", label=label)
+        if len(seeds) > 1:
+            ax.scatter([r for r, v in points for _ in v], [x for _, v in points for x in v.values()],
+                       s=12, color=line.get_color(), alpha=0.5)
     ax.set_xscale("log", base=2)
-    ranks = sorted({r for _, r in cells})
+    ranks = sorted({r for _, r in by_seed})
     ax.set_xticks(ranks, [str(r) for r in ranks])
     return _save_line_plot(plt, fig, ax, ("LoRA rank r", metric, f"{metric} vs rank"), 8, path)
 
 
 def rank_targets_heatmap_png(rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> Path:
-    """rank x target set, each cell the best metric of its trials (blank where none reported)."""
+    """rank x target set, each cell the metric averaged over seeds (blank where none reported)."""
     import numpy as np
 
     plt = _plt()
-    cells = _best_by(rows, metric, mode)
+    cells = _mean_by(rows, metric, mode)
     targets = sorted({t for t, _ in cells})
     ranks = sorted({r for _, r in cells})
     grid = np.full((len(targets), len(ranks)), np.nan)
