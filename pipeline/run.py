@@ -93,6 +93,8 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     concurrency = sweep.plan_concurrency(trial_configs, sweep.cluster_resources(), config.sweep.max_concurrent_trials)
     trial_count = config.sweep.trial_count()
     log.info("sweep %s: %d trials, %d at a time, %d training rows", config.name, trial_count, concurrency, data_summary.train_rows)
+    log.info("workload: %s", sweep.workload(trial_configs, data_summary.train_rows, trial_count, concurrency,
+                                            config.sweep.time_budget_s))
     warmpool.deactivate()
     if started_local and config.ray.warm_workers:
         warmpool.activate(max(c.train.num_workers for c in trial_configs), trial_count, concurrency)
@@ -108,6 +110,8 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     except BaseException:
         mlflow_client.set_terminated(parent_run_id, status="FAILED")
         raise
+    finally:
+        warmpool.deactivate()  # stop starting processes; idle ones go when Ray does
     mlflow_client.set_terminated(parent_run_id, status="FINISHED")
     return result
 

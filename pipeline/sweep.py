@@ -65,6 +65,23 @@ def reports_per_trial(config: ExperimentConfig, num_train_examples: int) -> int:
     return math.ceil(total_steps / train.eval_every_steps)
 
 
+def workload(configs: list[ExperimentConfig], num_train_examples: int, trials: int, concurrency: int,
+             time_budget_s: float | None) -> str:
+    """One line on what the sweep will cost: trial-steps (an upper bound: ASHA stops trials early)
+    and device-hours, bounded by the time budget when there is one."""
+    steps = max(
+        data.steps_per_epoch(min(num_train_examples, c.data.max_train_examples or num_train_examples),
+                             c.train.batch_size, c.train.grad_accum, c.train.num_workers) * c.train.epochs
+        for c in configs)
+    gpus = max(c.train.num_workers * c.train.gpus_per_worker for c in configs)
+    devices, kind = (gpus, "GPU") if gpus else (max(c.train.num_workers * c.train.cpus_per_worker for c in configs), "CPU")
+    line = (f"{trials} trials x <= {steps} optimizer steps = <= {trials * steps} trial-steps; "
+            f"{devices:g} {kind}(s) per trial, {concurrency} at a time")
+    if time_budget_s:
+        return line + f"; <= {concurrency * devices * time_budget_s / 3600:.2f} {kind}-hours (sweep.time_budget_s)"
+    return line + f"; {kind}-hours = trial-steps x seconds per step x {devices:g} / 3600 (set sweep.time_budget_s to cap it)"
+
+
 def candidate_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
     """Every trial config a finite search space can produce (bounds for continuous domains)."""
     axes = []

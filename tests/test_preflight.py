@@ -216,3 +216,17 @@ def test_target_presets_resolve_against_the_real_model(tmp_path: Path, base: dic
     wrapped = {name.rsplit(".", 1)[0] for name, _ in model.named_parameters() if "lora_A" in name}
     expected_layers = {"attention_qv": 12, "attention_all": 24, "attention_mlp": 36, "all_linear": 36}[preset]
     assert len(wrapped) == expected_layers  # 6 layers x (2 | 4 | 6 | 6) linear modules
+
+
+def test_workload_line_counts_trial_steps_and_bounds_device_hours(tmp_path: Path, base: dict):
+    # 160 rows, batch 16 -> 10 steps per epoch; 2 epochs; 4 trials
+    cfg = load(tmp_path, base, ["train.epochs=2"])
+    configs = sweep.candidate_configs(cfg)
+    line = sweep.workload(configs, 160, 4, 2, None)
+    assert line.startswith("4 trials x <= 20 optimizer steps = <= 80 trial-steps; 1 CPU(s) per trial, 2 at a time")
+    assert "set sweep.time_budget_s to cap it" in line
+    cfg = load(tmp_path, base, ["train.num_workers=2", "train.gpus_per_worker=0.5"])
+    line = sweep.workload(sweep.candidate_configs(cfg), 160, 4, 2, 3600)
+    # 2 workers share each batch: 5 steps per epoch; 2 at a time x 1 GPU x 1 h
+    assert line == ("4 trials x <= 5 optimizer steps = <= 20 trial-steps; 1 GPU(s) per trial, 2 at a time; "
+                    "<= 2.00 GPU-hours (sweep.time_budget_s)")
