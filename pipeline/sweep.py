@@ -290,7 +290,10 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                 case _:
                     summary.status = "DONE" if trained_all else "STOPPED"
             if summary.run_id is None:
-                return
+                # the trial failed before its rank-0 worker created the run: record it all the same
+                summary.run_id = tracking.start_trial_run(
+                    mlflow_client, experiment_id, parent_run_id, trial.trial_id, summary.trial_name,
+                    config.trial_config(summary.sampled), summary.sampled)
             mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
             if error:
                 mlflow_client.set_tag(summary.run_id, "loraforge.error", error[:5000])
