@@ -7,13 +7,13 @@ core). That start-up was most of a short trial's wall time (B2).
 
 Ray's raylet can start workers ahead of demand (its `PrestartWorkers` call, which the
 first driver of a node also triggers). A started worker sits idle in the node's pool
-and becomes the process of the next actor whose runtime env it was started with. So
-the pool starts, per trial still to come: one default worker for the Tune trial actor,
-one for the Train controller (with the env vars Ray Train gives it) and one per Train
-worker, whose runtime env carries a setup hook that imports the training stack before
-the worker goes idle. Each trial start tops the pool up by one trial's worth, so the
-next trial in that slot finds its processes ready. The imports then overlap training
-instead of delaying it; they still cost CPU, which B2 reports next to the overhead.
+and becomes the process of the next actor whose runtime env string is the same. So
+while trials train, the pool starts the processes of the trials still to come, with
+the runtime envs Tune and Train will give them (`runtime_envs`); the Train workers'
+env carries a setup hook that imports the training stack before the worker goes idle.
+Each trial start queues one more trial's worth, so the next trial in that slot finds
+its processes ready. The imports then overlap training instead of delaying it; they
+still cost CPU, which B2 reports next to the overhead.
 
 Only for the local instance loraforge starts itself: there it knows every process's
 environment. Any failure here leaves Ray starting workers on demand, as before.
@@ -34,9 +34,9 @@ log = logging.getLogger("loraforge")
 # string from an actor's runtime env only through this env var (it converts the job's alone)
 SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 SETUP_HOOK = "pipeline.warmpool.import_training_stack"
-# imported by every worker of the local instance before it goes idle (trial actors, controllers)
 # what the sweep gives Ray Train as the workers' own runtime env
 WORKER_ENV_VARS = {SETUP_HOOK_ENV: SETUP_HOOK}
+# imported by every worker of the local instance before it goes idle (trial actors, controllers)
 PRELOAD_MODULES = ["ray.train.torch", "ray.tune.integration.ray_train", "pipeline.sweep", "pipeline.train"]
 # how long an idle started worker is kept even if the node's pool is over its soft limit
 KEEP_ALIVE_S = 3600
