@@ -225,6 +225,13 @@ def _complete(checkpoint_dir: Path) -> bool:
     return not ckpt.verify(checkpoint_dir)
 
 
+def _trained_epochs(train_run_dir: Path) -> float:
+    """How many epochs the newest complete checkpoint of a Train run had trained (0 if none)."""
+    epochs = [adapters.read_metadata(d).get("metrics", {}).get("epoch", 0.0)
+              for d in train_run_dir.glob("checkpoint_*") if _complete(d)]
+    return max(epochs, default=0.0)
+
+
 def best_complete_checkpoint(train_run_dir: Path, metric: str, mode: str) -> tuple[Path, float] | None:
     """The best checkpoint of a Train run whose files are all there, by the metric saved inside it."""
     scored = []
@@ -281,6 +288,13 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             summary.run_id = tracking.find_trial_run(mlflow_client, experiment_id, parent_run_id, trial.trial_id)
             # finished = trained all its epochs (a trial resumed after a driver restart reports fewer times)
             epochs = config.trial_config(summary.sampled).train.epochs
+            train_run_dir = train_storage_path / f"train-{trial.trial_id}"
+            if "epoch" not in summary.last_result and status != "FAILED":
+                # a trial restored at its very end (the driver died before Tune saved it as finished)
+                # reruns no step and reports nothing: its checkpoints on storage say how far it got
+                summary.last_result["epoch"] = _trained_epochs(train_run_dir)
+                if summary.best_checkpoint is None and (best := best_complete_checkpoint(train_run_dir, metric, mode)):
+                    summary.best_checkpoint, summary.best_metric = str(best[0]), best[1]
             trained_all = summary.last_result.get("epoch", 0) >= epochs - 1e-9
             match status:
                 case "FAILED":
@@ -301,7 +315,7 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             if attach and not _complete(Path(summary.best_checkpoint)):
                 # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
                 # half-copied or corrupt: fall back to the best verified one on storage, never to nothing
-                fallback = best_complete_checkpoint(train_storage_path / f"train-{trial.trial_id}", metric, mode)
+                fallback = best_complete_checkpoint(train_run_dir, metric, mode)
                 mlflow_client.set_tag(summary.run_id, "loraforge.ckpt_fallback", str(fallback))
                 summary.best_checkpoint, summary.best_metric = (str(fallback[0]), fallback[1]) if fallback else (None, None)
                 attach = fallback is not None

@@ -80,7 +80,8 @@ def test_f6_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Pa
     assert sorted(p.name for p in finished_dir.glob("checkpoint_*")) == before
     runs = trial_runs(uri, "tests")
     assert len(runs) == 3 and runs_before <= {r.info.run_id for r in runs}
-    assert all(r.data.tags.get("loraforge.trial_status") == "DONE" for r in runs)
+    assert all(r.data.tags.get("loraforge.trial_status") == "DONE" for r in runs), [
+        (r.data.tags.get("loraforge.trial_id"), r.data.tags.get("loraforge.trial_status"), r.info.status) for r in runs]
     # the interrupted trial continued from its own checkpoint, not from step 0
     interrupted = next(r for r in runs if r.data.tags["loraforge.trial_id"] == interrupted_id)
     assert int(interrupted.data.tags["loraforge.resumed_from_step"]) >= 2
