@@ -187,6 +187,15 @@ def find_trial_run(mlflow_client: Any, experiment_id: str, parent_run_id: str, t
     return runs[0].info.run_id if runs else None
 
 
+def trial_run(mlflow_client: Any, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
+              config: ExperimentConfig, sampled: dict[str, Any]) -> str:
+    """The trial's nested run, created on first use: a restarted worker group, a PBT generation
+    and a `--resume`d sweep find the run the trial started in."""
+    if (run_id := find_trial_run(mlflow_client, experiment_id, parent_run_id, trial_id)) is not None:
+        return run_id
+    return start_trial_run(mlflow_client, experiment_id, parent_run_id, trial_id, trial_name, config, sampled)
+
+
 def finish_trial_run(mlflow_client: Any, run_id: str, status: str, adapter_dir: Path | None, summary: dict[str, float]) -> None:
     """Log the trial's best adapter and summary metrics, then close the run with `status`."""
     if summary:

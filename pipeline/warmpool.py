@@ -210,5 +210,6 @@ def deactivate() -> None:
     global _POOL
     if _POOL is not None:
         _POOL.close()
+        log.info("warm worker pool: started %d worker processes ahead of their trials", _POOL.started)
     _POOL = None
 
