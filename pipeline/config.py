@@ -390,21 +390,38 @@ class AshaSpec(StrictModel):
     reduction_factor: float = Field(2.0, gt=1, description="Keep the top 1/reduction_factor at each rung.")
 
 
+class PbtSpec(StrictModel):
+    perturbation_interval: int = Field(
+        2, gt=0, description="Evaluations between two exploit/explore decisions of a trial.")
+    quantile_fraction: float = Field(
+        0.25, gt=0, le=0.5, description="The bottom fraction of trials copies a trial of the top fraction.")
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="Explore: chance of drawing train.lr anew from its domain instead of "
+        "scaling the copied one by 0.8 or 1.2 (or moving one step along a grid).")
+
+
 class SweepSpec(StrictModel):
     searcher: Literal["grid", "random", "optuna"] = "grid"
-    scheduler: Literal["asha", "median", "fifo"] = Field(
+    scheduler: Literal["asha", "median", "fifo", "pbt"] = Field(
         "asha", description="asha: successive halving; median: stop trials below the median of others at the same "
-        "evaluation; fifo: run every trial to the end."
+        "evaluation; fifo: run every trial to the end; pbt: population based training of train.lr (the worst "
+        "trials continue from a copy of a better trial's checkpoint with a perturbed learning rate)."
     )
     median_min_samples: int = Field(2, gt=0, description="median: trials needed at an evaluation before any is stopped.")
     metric: str = Field("eval_accuracy", description="Reported metric the sweep optimizes.")
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, gt=0, description="Samples per grid point (grid/random) or trials (optuna).")
+    grid_order: Literal["listed", "shuffled"] = Field(
+        "listed", description="grid: run the grid points in Tune's order (the first parameter varies fastest) "
+        "or in a random order seeded by train.seed. Early stopping judges each trial against those that reached "
+        "an evaluation before it, so a grid listed from weak to strong configs wastes it."
+    )
     parameters: dict[str, ParamDomain] = Field(
         default_factory=dict,
         description="Dotted config path -> domain, e.g. `lora.r: {grid: [2, 8]}`.",
     )
     asha: AshaSpec = Field(default_factory=AshaSpec)
+    pbt: PbtSpec = Field(default_factory=PbtSpec)
     max_concurrent_trials: int | None = Field(
         None, gt=0, description="Default: as many as the cluster's CPUs/GPUs hold at once."
     )
@@ -425,6 +442,18 @@ class SweepSpec(StrictModel):
                 raise ValueError(
                     f"sweep.parameters.{path}: searcher 'optuna' cannot take `grid:`; use `choice:` instead"
                 )
+        if self.scheduler == "pbt":
+            if "train.lr" not in self.parameters:
+                raise ValueError("sweep.scheduler: pbt explores train.lr; add its domain to sweep.parameters "
+                                 "(e.g. `train.lr: {loguniform: [1.0e-4, 1.0e-2]}` or a grid)")
+            if self.parameters["train.lr"].kind not in ("grid", "choice", "uniform", "loguniform"):
+                raise ValueError("sweep.parameters.train.lr: pbt needs a grid, choice, uniform or loguniform domain")
+            if self.searcher == "optuna":
+                raise ValueError("sweep.searcher: optuna cannot run under scheduler pbt (PBT changes a trial's "
+                                 "config mid-run); use grid or random")
+            if self.trial_count() < 2:
+                raise ValueError(f"sweep.scheduler: pbt needs a population of at least 2 trials, the sweep has "
+                                 f"{self.trial_count()}; raise sweep.num_samples or add grid values")
         return self
 
     def trial_count(self) -> int:

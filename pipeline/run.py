@@ -92,6 +92,11 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     started_local = connect_ray(config)
     concurrency = sweep.plan_concurrency(trial_configs, sweep.cluster_resources(), config.sweep.max_concurrent_trials)
     trial_count = config.sweep.trial_count()
+    if config.sweep.scheduler == "pbt" and trial_count > concurrency:
+        # PBT compares trials at the same time; Tune would time-slice a bigger population by pausing trials
+        raise ConfigError([f"sweep.scheduler: pbt trains its whole population at once, but the sweep has "
+                           f"{trial_count} trials and only {concurrency} fit at a time; shrink the grid or "
+                           "num_samples to at most that"])
     log.info("sweep %s: %d trials, %d at a time, %d training rows", config.name, trial_count, concurrency, data_summary.train_rows)
     log.info("workload: %s", sweep.workload(trial_configs, data_summary.train_rows, trial_count, concurrency,
                                             config.sweep.time_budget_s))

@@ -175,6 +175,10 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     # the trial's MLflow run is found or created by the rank-0 worker, whose process has MLflow loaded
     trial = {"experiment_id": setup["experiment_id"], "parent_run_id": setup["parent_run_id"],
              "trial_id": trial_id, "trial_name": trial_name, "sampled": sampled, "started": trial_started}
+    # names come from the trial id (and its PBT generation) so a restored sweep finds the same Train run
+    run_dir, pbt_start = train_run_dir(Path(setup["train_storage_path"]), trial_id)
+    if pbt_start is not None:
+        trial["init_checkpoint"] = str(pbt_start)  # used only while the new run has no checkpoint of its own
     train = config.train
     resources_per_worker = {"CPU": train.cpus_per_worker}
     if train.gpus_per_worker:
@@ -186,8 +190,7 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
             num_workers=train.num_workers, use_gpu=train.gpus_per_worker > 0, resources_per_worker=resources_per_worker
         ),
         run_config=ray.train.RunConfig(
-            # names come from the trial id so a restored sweep finds the same Train run
-            name=f"train-{trial_id}",
+            name=run_dir.name,
             storage_path=setup["train_storage_path"],
             callbacks=[TuneReportCallback()],
             # workers started ahead by the warm pool have this runtime env (and the stack imported)
@@ -225,17 +228,17 @@ def _complete(checkpoint_dir: Path) -> bool:
     return not ckpt.verify(checkpoint_dir)
 
 
-def _trained_epochs(train_run_dir: Path) -> float:
+def _trained_epochs(run_dir: Path) -> float:
     """How many epochs the newest complete checkpoint of a Train run had trained (0 if none)."""
     epochs = [adapters.read_metadata(d).get("metrics", {}).get("epoch", 0.0)
-              for d in train_run_dir.glob("checkpoint_*") if _complete(d)]
+              for d in run_dir.glob("checkpoint_*") if _complete(d)]
     return max(epochs, default=0.0)
 
 
-def best_complete_checkpoint(train_run_dir: Path, metric: str, mode: str) -> tuple[Path, float] | None:
+def best_complete_checkpoint(run_dir: Path, metric: str, mode: str) -> tuple[Path, float] | None:
     """The best checkpoint of a Train run whose files are all there, by the metric saved inside it."""
     scored = []
-    for checkpoint_dir in sorted(train_run_dir.glob("checkpoint_*")):
+    for checkpoint_dir in sorted(run_dir.glob("checkpoint_*")):
         if _complete(checkpoint_dir):
             value = adapters.read_metadata(checkpoint_dir).get("metrics", {}).get(metric)
             if value is not None:
@@ -243,6 +246,102 @@ def best_complete_checkpoint(train_run_dir: Path, metric: str, mode: str) -> tup
     if not scored:
         return None
     return (max if mode == "max" else min)(reversed(scored), key=lambda item: item[1])
+
+
+PBT_DIR = "pbt"
+
+
+def train_run_dir(train_storage_path: Path, trial_id: str) -> tuple[Path, Path | None]:
+    """(the Ray Train run a trial trains in now, the checkpoint that run starts from or None).
+
+    A trial's first Train run is `train-<trial id>`. Each time PBT makes it copy a better
+    trial, the driver puts a copy of that trial's checkpoint in `pbt/train-<trial id>-pbt<n>/`
+    and the trial continues in a new Train run of that name. Everything derives from
+    storage, so a paused, restarted or `--resume`d trial finds its current run.
+    """
+    copies = [c for c in (train_storage_path / PBT_DIR).glob(f"train-{trial_id}-pbt*/checkpoint_*")
+              if _pbt_generation(c.parent.name) and _complete(c)]
+    if not copies:
+        return train_storage_path / f"train-{trial_id}", None
+    latest = max(copies, key=lambda c: _pbt_generation(c.parent.name))
+    return train_storage_path / latest.parent.name, latest
+
+
+def _pbt_generation(run_name: str) -> int:
+    """n of `train-<trial id>-pbt<n>`; 0 for a trial's first Train run (or a staging dir)."""
+    suffix = run_name.rsplit("-pbt", 1)[1] if "-pbt" in run_name else ""
+    return int(suffix) if suffix.isdigit() else 0
+
+
+def make_pbt(sweep: Any, train_storage_path: Path) -> Any:
+    """Tune's PopulationBasedTraining over train.lr, exploiting through copies of Ray Train checkpoints.
+
+    Trials report to Tune through Ray Train (metrics plus the path of the checkpoint just
+    saved), so Tune itself holds no checkpoint to hand from one trial to another. When a
+    trial lands in the top quantile its newest checkpoint is copied aside; when one lands in
+    the bottom quantile the copy of a top trial is copied again into that trial's next PBT
+    generation (`train_run_dir`), which its restarted Train run resumes from.
+    """
+    import json
+    import random
+    import shutil
+
+    from ray import tune
+    from ray.train import Checkpoint
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    lr = sweep.parameters["train.lr"]
+    mutation = lr.values() if lr.kind in ("grid", "choice") else tune_domain(lr, "random")
+    pbt_root = train_storage_path / PBT_DIR
+
+    def copy_checkpoint(source: Path, destination: Path, origin: dict[str, Any]) -> Path | None:
+        if not source.is_dir() or not _complete(source):
+            return None
+        staging = destination.with_name(destination.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging / source.name)
+        (staging / ckpt.PBT_ORIGIN).write_text(json.dumps(origin))
+        shutil.rmtree(destination, ignore_errors=True)
+        staging.rename(destination)
+        return destination / source.name
+
+    class CheckpointCopyingPBT(PopulationBasedTraining):
+        def _checkpoint_or_exploit(self, trial: Any, tune_controller: Any, upper_quantile: list,
+                                   lower_quantile: list) -> None:
+            state = self._trial_state[trial]
+            state.last_checkpoint = None
+            if trial in upper_quantile and (path := state.last_result.get("checkpoint_path")):
+                # the checkpoint this result reported is on storage now; later ones may delete it
+                kept = copy_checkpoint(Path(path), pbt_root / f"top-{trial.trial_id}", {
+                    "trial_id": trial.trial_id, "checkpoint": path, "result": {
+                        k: state.last_result.get(k) for k in ("step", "lr", "training_iteration", self._metric)}})
+                state.last_checkpoint = Checkpoint(str(kept)) if kept else None
+                self._num_checkpoints += 1
+            if trial not in lower_quantile:
+                return
+            donor = random.choice(upper_quantile)
+            donor_state = self._trial_state[donor]
+            if donor_state.last_checkpoint is None:
+                return  # the donor has no copy yet (it was not in the top at its last decision)
+            current, _ = train_run_dir(train_storage_path, trial.trial_id)
+            generation = _pbt_generation(current.name) + 1
+            donor_copy = Path(donor_state.last_checkpoint.path)
+            copied = copy_checkpoint(donor_copy, pbt_root / f"train-{trial.trial_id}-pbt{generation}",
+                                     json.loads((donor_copy.parent / ckpt.PBT_ORIGIN).read_text()))
+            if copied is None:
+                return
+            # Tune restarts the trial from the donor state's checkpoint: hand it this trial's own copy
+            kept, donor_state.last_checkpoint = donor_state.last_checkpoint, Checkpoint(str(copied))
+            try:
+                self._exploit(tune_controller, trial, donor)
+            finally:
+                donor_state.last_checkpoint = kept
+
+    return CheckpointCopyingPBT(
+        time_attr="training_iteration", perturbation_interval=sweep.pbt.perturbation_interval,
+        hyperparam_mutations={_key("train.lr"): mutation}, quantile_fraction=sweep.pbt.quantile_fraction,
+        resample_probability=sweep.pbt.resample_probability,
+    )
 
 
 def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str,
@@ -258,14 +357,22 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
         def __init__(self) -> None:
             self.trials: dict[str, TrialSummary] = {}
 
+        def _summary(self, trial: Any) -> TrialSummary:
+            sampled = {_path(k): v for k, v in trial.config.items()}
+            summary = self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), sampled))
+            if sampled != summary.sampled:
+                # PBT restarted the trial from a copy of a better trial's checkpoint, with that trial's
+                # config and a new lr: its best so far belonged to the config it left behind
+                summary.sampled, summary.best_metric, summary.best_checkpoint = sampled, None, None
+            return summary
+
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if (pool := warmpool.current()) is not None:
                 pool.prepare(1)  # the processes of the trial that will follow this one in its slot
-            sampled = {_path(k): v for k, v in trial.config.items()}
-            self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), sampled))
+            self._summary(trial)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            summary = self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), {}))
+            summary = self._summary(trial)
             summary.last_result = dict(result)
             value = result.get(metric)
             if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -278,22 +385,21 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
 
         def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
             """Close the trial's MLflow run; any trial with a checkpoint gets its best adapter attached."""
-            summary = self.trials.setdefault(trial.trial_id, TrialSummary(trial.trial_id, str(trial), {}))
+            summary = self._summary(trial)
             if summary.finished:
                 return
             summary.finished = True
             summary.wall_s = time.time() - summary.started
             summary.error = error
             mlflow_client = tracking.client(config.tracking.tracking_uri)
-            summary.run_id = tracking.find_trial_run(mlflow_client, experiment_id, parent_run_id, trial.trial_id)
             # finished = trained all its epochs (a trial resumed after a driver restart reports fewer times)
             epochs = config.trial_config(summary.sampled).train.epochs
-            train_run_dir = train_storage_path / f"train-{trial.trial_id}"
+            run_dir, _ = train_run_dir(train_storage_path, trial.trial_id)
             if "epoch" not in summary.last_result and status != "FAILED":
                 # a trial restored at its very end (the driver died before Tune saved it as finished)
                 # reruns no step and reports nothing: its checkpoints on storage say how far it got
-                summary.last_result["epoch"] = _trained_epochs(train_run_dir)
-                if summary.best_checkpoint is None and (best := best_complete_checkpoint(train_run_dir, metric, mode)):
+                summary.last_result["epoch"] = _trained_epochs(run_dir)
+                if summary.best_checkpoint is None and (best := best_complete_checkpoint(run_dir, metric, mode)):
                     summary.best_checkpoint, summary.best_metric = str(best[0]), best[1]
             trained_all = summary.last_result.get("epoch", 0) >= epochs - 1e-9
             match status:
@@ -303,11 +409,9 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                     summary.status = "BUDGET"  # cut off by sweep.time_budget_s
                 case _:
                     summary.status = "DONE" if trained_all else "STOPPED"
-            if summary.run_id is None:
-                # the trial failed before its rank-0 worker created the run: record it all the same
-                summary.run_id = tracking.start_trial_run(
-                    mlflow_client, experiment_id, parent_run_id, trial.trial_id, summary.trial_name,
-                    config.trial_config(summary.sampled), summary.sampled)
+            # normally the trial's rank-0 worker created the run; a trial that failed before that gets one here
+            summary.run_id = tracking.trial_run(mlflow_client, experiment_id, parent_run_id, trial.trial_id,
+                                                summary.trial_name, config.trial_config(summary.sampled), summary.sampled)
             mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
             if error:
                 mlflow_client.set_tag(summary.run_id, "loraforge.error", error[:5000])
@@ -315,7 +419,7 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             if attach and not _complete(Path(summary.best_checkpoint)):
                 # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
                 # half-copied or corrupt: fall back to the best verified one on storage, never to nothing
-                fallback = best_complete_checkpoint(train_run_dir, metric, mode)
+                fallback = best_complete_checkpoint(run_dir, metric, mode)
                 mlflow_client.set_tag(summary.run_id, "loraforge.ckpt_fallback", str(fallback))
                 summary.best_checkpoint, summary.best_metric = (str(fallback[0]), fallback[1]) if fallback else (None, None)
                 attach = fallback is not None
@@ -363,7 +467,28 @@ class SweepResult:
     wall_s: float
 
 
-def make_scheduler(sweep: Any, max_t: int) -> Any:
+def shuffled_grid(sweep: Any, seed: int, concurrency: int) -> tuple[dict[str, Any], Any, int]:
+    """The grid (x num_samples) as Tune points to evaluate, in a random order seeded by `seed`.
+
+    Tune's grid search always runs its points in one fixed order; a searcher that first
+    evaluates every point in a given order, over `choice` domains of the same values, runs
+    the same trials in ours. Tune does not apply `max_concurrent_trials` to a search
+    algorithm passed in, so the generator gets the limit itself.
+    """
+    import random
+
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    keys = [_key(path) for path in sweep.parameters]
+    axes = [domain.values() for domain in sweep.parameters.values()]
+    points = [dict(zip(keys, combo)) for combo in itertools.product(*axes)] * sweep.num_samples
+    random.Random(seed).shuffle(points)
+    param_space = {key: tune.choice(values) for key, values in zip(keys, axes)}
+    return param_space, BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency), len(points)
+
+
+def make_scheduler(sweep: Any, max_t: int, train_storage_path: Path | None = None) -> Any:
     """The Tune scheduler of `sweep.scheduler`; time is counted in evaluations (`training_iteration`)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
@@ -375,6 +500,9 @@ def make_scheduler(sweep: Any, max_t: int) -> Any:
         case "median":
             return MedianStoppingRule(time_attr="training_iteration", grace_period=grace,
                                       min_samples_required=sweep.median_min_samples)
+        case "pbt":
+            assert train_storage_path is not None, "pbt copies checkpoints under the sweep's Train storage"
+            return make_pbt(sweep, train_storage_path)
     return FIFOScheduler()
 
 
@@ -418,7 +546,7 @@ def _summary_from_tracking(config: ExperimentConfig, experiment_id: str, parent_
         summary.status = run.data.tags.get("loraforge.trial_status", "DONE")
         summary.wall_s = run.data.metrics.get("best_wall_time_s", 0.0)
         summary.last_result = {"trainable_params": run.data.params.get("trainable_params")}
-    best = best_complete_checkpoint(train_storage_path / f"train-{trial_id}", config.sweep.metric, config.sweep.mode)
+    best = best_complete_checkpoint(train_run_dir(train_storage_path, trial_id)[0], config.sweep.metric, config.sweep.mode)
     if best is not None and summary.status != "ERROR":
         summary.best_checkpoint, summary.best_metric = str(best[0]), best[1]
         summary.last_result["step"] = ckpt.step_of(best[0])
@@ -439,7 +567,6 @@ def run_sweep(
 
     sweep = config.sweep
     max_t = max(reports_per_trial(c, num_train_examples) for c in candidate_configs(config))
-    scheduler = make_scheduler(sweep, max_t)
     search_alg = None
     if sweep.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -450,6 +577,7 @@ def run_sweep(
     storage_path.mkdir(parents=True, exist_ok=True)
     run_name = resume_dir.name if resume_dir else unique_run_name(storage_path, config.name)
     train_storage_path = storage_path / run_name / "train"
+    scheduler = make_scheduler(sweep, max_t, train_storage_path)
     write_run_state(storage_path / run_name, experiment_id, parent_run_id, config)
     callback = _make_callback(config, experiment_id, parent_run_id, train_storage_path)
     setup = {
@@ -460,6 +588,9 @@ def run_sweep(
         "warm_pool": warmpool.current() is not None,
     }
     param_space = {_key(path): tune_domain(domain, sweep.searcher) for path, domain in sweep.parameters.items()}
+    num_samples = sweep.num_samples
+    if sweep.searcher == "grid" and sweep.grid_order == "shuffled" and sweep.parameters:
+        param_space, search_alg, num_samples = shuffled_grid(sweep, seed=config.train.seed, concurrency=concurrency)
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_ACTOR_RESOURCES)
     if resume_dir is not None:
@@ -479,7 +610,7 @@ def run_sweep(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, search_alg=search_alg,
-            num_samples=sweep.num_samples, max_concurrent_trials=concurrency, time_budget_s=sweep.time_budget_s,
+            num_samples=num_samples, max_concurrent_trials=concurrency, time_budget_s=sweep.time_budget_s,
             trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
         ),

@@ -11,6 +11,7 @@ forwards them to Tune (ASHA decides from them).
 from __future__ import annotations
 
 import errno
+import json
 import math
 import sys
 import tempfile
@@ -167,9 +168,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     eval_examples = data.tokenize_rows(config.data, data.load_split(config.data, "eval", train_spec.seed), tokenizer)
     lengths = [len(e.input_ids) for e in train_examples]
 
-    # ---- resume point, if Ray restarted this worker group
-    resume_dir, resumed, skipped = None, {}, []
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
+    # ---- resume point: Ray restarted this worker group, or PBT started this run from a better trial's copy
+    resume_dir, resumed, skipped, pbt_origin = None, {}, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and (init := (loop_config.get("trial") or {}).get("init_checkpoint")):
+        checkpoint = ray.train.Checkpoint(init)
+        pbt_origin = json.loads((Path(init).parent / ckpt.PBT_ORIGIN).read_text())
+        pbt_origin["generation"] = Path(init).parent.name.rsplit("-pbt", 1)[1]
+    if checkpoint is not None:
         resume_dir, resumed, skipped = _restore(checkpoint)
 
     # ---- model and optimizer, from the memory strategy (the loop never asks which one)
@@ -193,17 +199,16 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         step = int(resumed["step"])
         tokens_seen = int(resumed.get("tokens_seen", 0))
         loop_time = float(resumed.get("metrics", {}).get("train_time_s", 0.0))
-        restarts = int(resumed.get("restarts", 0)) + 1
+        # a PBT start is this run's first, not a restart of the run it was copied from
+        restarts = 0 if pbt_origin else int(resumed.get("restarts", 0)) + 1
         for _ in range(step):
             scheduler.step()
 
     metric_buffer = None
     if rank == 0 and (trial := loop_config.get("trial")):
         mlflow_client = tracking.client(config.tracking.tracking_uri)
-        run_id = tracking.find_trial_run(mlflow_client, trial["experiment_id"], trial["parent_run_id"], trial["trial_id"])
-        if run_id is None:
-            run_id = tracking.start_trial_run(mlflow_client, trial["experiment_id"], trial["parent_run_id"],
-                                              trial["trial_id"], trial["trial_name"], config, trial["sampled"])
+        run_id = tracking.trial_run(mlflow_client, trial["experiment_id"], trial["parent_run_id"], trial["trial_id"],
+                                    trial["trial_name"], config, trial["sampled"])
         metric_buffer = tracking.MetricBuffer(mlflow_client, run_id)
         if resume_dir is None:
             tracking.log_params(mlflow_client, run_id, {
@@ -211,6 +216,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 "total_params": total, "train_examples": len(train_examples), "eval_examples": len(eval_examples),
                 "total_steps": total_steps, "world_size": world_size,
             })
+        elif pbt_origin:
+            # PBT: this trial continues from a copy of a better trial's checkpoint with a new train.lr
+            generation = pbt_origin["generation"]
+            mlflow_client.set_tag(run_id, "loraforge.pbt_generation", generation)
+            mlflow_client.set_tag(run_id, f"loraforge.pbt.{generation}", json.dumps({
+                "step": step, "train.lr": train_spec.lr, "from_trial": pbt_origin["trial_id"],
+                "from_checkpoint": pbt_origin["checkpoint"], "from_result": pbt_origin["result"]}))
         else:
             mlflow_client.set_tag(run_id, "loraforge.worker_restarts", str(restarts))
             mlflow_client.set_tag(run_id, "loraforge.resumed_from_step", str(step))
@@ -276,7 +288,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 loop_time += time.perf_counter() - started
                 metrics = evaluate(model, eval_examples, config, pad_id, device, rank, world_size)
                 metrics.update({
-                    "step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time,
+                    "step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0], "train_time_s": loop_time,
                     "tokens_per_s": tokens_seen * world_size / max(loop_time, 1e-9),
                     "trainable_params": trainable, "worker_restarts": restarts, "worker_head_start_s": worker_head_start,
                 })

@@ -52,7 +52,7 @@ def test_quickstart_config_loads():
         ("train.lr_scheduler=cosine_restarts", "train.lr_scheduler: Input should be 'linear', 'cosine' or 'constant'"),
         ("train.optimizer=sgd", "train.optimizer: Input should be 'adamw'"),
         ("sweep.searcher=hyperopt", "sweep.searcher: Input should be 'grid', 'random' or 'optuna'"),
-        ("sweep.scheduler=pbt2", "sweep.scheduler: Input should be 'asha', 'median' or 'fifo'"),
+        ("sweep.scheduler=pbt2", "sweep.scheduler: Input should be 'asha', 'median', 'fifo' or 'pbt'"),
         ("sweep.num_samples=0", "sweep.num_samples: Input should be greater than 0"),
         ("data.num_labels=1", "data.num_labels: Input should be greater than or equal to 2"),
         ("data.train_path=train.parquet", "data.train_path: must be a .jsonl, .json or .csv file"),
@@ -203,3 +203,66 @@ def test_schedulers_take_metric_free_settings_from_the_config(tmp_path: Path, ba
     assert isinstance(asha, ASHAScheduler) and asha._max_t == 10  # grace capped at max_t, else Ray refuses it
     base["sweep"] = {"scheduler": "fifo"}
     assert isinstance(make_scheduler(load_config(write_yaml(tmp_path / "c.yaml", base), env={}).sweep, 10), FIFOScheduler)
+
+
+def test_pbt_needs_an_lr_domain_a_population_and_no_optuna(tmp_path: Path, base: dict):
+    base["sweep"] = {"scheduler": "pbt", "parameters": {"lora.r": {"grid": [2, 4]}}}
+    assert "pbt explores train.lr; add its domain to sweep.parameters" in problems_for(tmp_path, base)
+    base["sweep"] = {"scheduler": "pbt", "parameters": {"train.lr": {"grid": [1e-3]}}}
+    assert "pbt needs a population of at least 2 trials, the sweep has 1" in problems_for(tmp_path, base)
+    base["sweep"] = {"scheduler": "pbt", "searcher": "optuna", "num_samples": 4,
+                     "parameters": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}
+    assert "sweep.searcher: optuna cannot run under scheduler pbt" in problems_for(tmp_path, base)
+    base["sweep"] = {"scheduler": "pbt", "searcher": "random", "num_samples": 4,
+                     "parameters": {"train.lr": {"randint": [1, 3]}}}
+    assert "sweep.parameters.train.lr: pbt needs a grid, choice, uniform or loguniform domain" in problems_for(tmp_path, base)
+
+
+def test_pbt_scheduler_mutates_lr_only(tmp_path: Path, base: dict):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from pipeline.sweep import make_scheduler
+
+    base["sweep"] = {"scheduler": "pbt", "searcher": "random", "num_samples": 4,
+                     "pbt": {"perturbation_interval": 3, "quantile_fraction": 0.5, "resample_probability": 0.0},
+                     "parameters": {"train.lr": {"loguniform": [1e-4, 1e-2]}, "lora.r": {"choice": [2, 8]}}}
+    pbt = make_scheduler(load_config(write_yaml(tmp_path / "c.yaml", base), env={}).sweep, 10, tmp_path / "train")
+    assert isinstance(pbt, PopulationBasedTraining)
+    assert list(pbt._hyperparam_mutations) == ["train__lr"]
+    assert (pbt._perturbation_interval, pbt._quantile_fraction, pbt._resample_probability) == (3, 0.5, 0.0)
+    base["sweep"]["parameters"]["train.lr"] = {"grid": [1e-4, 1e-3, 1e-2]}
+    base["sweep"]["searcher"] = "grid"
+    base["sweep"]["parameters"]["lora.r"] = {"grid": [2, 8]}
+    pbt = make_scheduler(load_config(write_yaml(tmp_path / "c.yaml", base), env={}).sweep, 10, tmp_path / "train")
+    assert pbt._hyperparam_mutations == {"train__lr": [1e-4, 1e-3, 1e-2]}  # a grid: explore steps along it
+
+
+def test_shuffled_grid_runs_every_point_once_in_a_seeded_order_under_the_concurrency_limit(tmp_path: Path, base: dict):
+    from ray.tune.experiment import Experiment
+
+    from pipeline.sweep import shuffled_grid
+
+    base["sweep"] = {"grid_order": "shuffled", "num_samples": 2, "parameters": {
+        "lora.target_modules": {"grid": ["attention_qv", "attention_all"]}, "train.lr": {"grid": [1e-4, 1e-3, 1e-2]}}}
+    sweep = load_config(write_yaml(tmp_path / "c.yaml", base), env={}).sweep
+
+    def order(seed: int) -> list[tuple]:
+        param_space, search_alg, num_samples = shuffled_grid(sweep, seed=seed, concurrency=3)
+        assert num_samples == 12
+        search_alg.add_configurations([Experiment("x", lambda c: None, config=param_space, num_samples=num_samples)])
+        live = [search_alg.next_trial() for _ in range(3)]
+        # Tune applies max_concurrent_trials only to its own default generator: this one limits itself
+        assert search_alg.next_trial() is None
+        trials = []
+        while live:
+            trial = live.pop(0)
+            trials.append((trial.config["lora__target_modules"], trial.config["train__lr"]))
+            search_alg.on_trial_complete(trial.trial_id)
+            if (following := search_alg.next_trial()) is not None:
+                live.append(following)
+        return trials
+
+    first = order(0)
+    listed = [(t, lr) for lr in (1e-4, 1e-3, 1e-2) for t in ("attention_qv", "attention_all")] * 2
+    assert sorted(first) == sorted(listed) and first != listed
+    assert order(0) == first and order(1) != first
