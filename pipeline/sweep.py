@@ -206,6 +206,35 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
         ),
     )
     trainer.fit()
+    _wait_for_reports_to_reach_tune()
+
+
+def _wait_for_reports_to_reach_tune(settle_s: float = 0.25, timeout_s: float = 60.0) -> None:
+    """Return only once the trial's main thread has passed every Train report on to Tune.
+
+    Ray 2.60 race: `TuneReportCallback` puts each report on a queue actor, and the trial
+    actor's main thread moves it into the Tune session's one-slot result queue. When this
+    function returns, Tune's wrapper puts its own "finished" marker into that queue. If the
+    marker lands while the main thread holds the last report between the two queues, the
+    main thread blocks forever on the full queue (seen in CI: a trial hung for 8 minutes
+    after training finished). If the marker is taken first, the last report is lost. So:
+    wait until both queues are empty and the session's report count has settled.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queue = getattr(session, "_inter_actor_queue", None)
+    if queue is None or not hasattr(session, "result_queue"):
+        return
+    deadline = time.monotonic() + timeout_s
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        state = (session.iteration, queue.empty(), session.result_queue.empty())
+        if state != last:
+            last, since = state, time.monotonic()
+        elif state[1] and state[2] and time.monotonic() - since >= settle_s:
+            return
+        time.sleep(0.02)
 
 
 @dataclass
