@@ -63,12 +63,28 @@ def checkpoints(config) -> list[Path]:
     return sorted(found, key=ckpt.step_of)
 
 
+def registered_checkpoints(config) -> list[str]:
+    """Checkpoints Ray Train has registered: every rank reported it and the controller wrote its snapshot.
+
+    Files on storage are not enough. Ranks upload their parts before the controller has heard
+    from all of them, and a worker killed in between leaves a checkpoint Ray never counts.
+    """
+    names = []
+    for snapshot in config.ray.storage_path.glob("*/train/train-*/checkpoint_manager_snapshot.json"):
+        try:
+            state = json.loads(snapshot.read_text())
+        except (OSError, ValueError):
+            continue  # being rewritten
+        names += [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
+    return names
+
+
 def when_checkpointed(config, action: Callable[[], None], timeout: float = 300) -> threading.Thread:
     """Run `action` from a side thread as soon as the trial has committed its first checkpoint."""
     def watch() -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if checkpoints(config):
+            if registered_checkpoints(config):
                 action()
                 return
             time.sleep(0.02)
