@@ -82,12 +82,16 @@ def workload(configs: list[ExperimentConfig], num_train_examples: int, trials: i
     return line + f"; {kind}-hours = trial-steps x seconds per step x {devices:g} / 3600 (set sweep.time_budget_s to cap it)"
 
 
+def grid_points(sweep: Any) -> list[dict[str, Any]]:
+    """Every combination of the sweep's values ({dotted path: value}); bounds for continuous domains."""
+    paths = list(sweep.parameters)
+    axes = [domain.values() for domain in sweep.parameters.values()]
+    return [dict(zip(paths, combo)) for combo in itertools.product(*axes)]
+
+
 def candidate_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
     """Every trial config a finite search space can produce (bounds for continuous domains)."""
-    axes = []
-    for path, domain in config.sweep.parameters.items():
-        axes.append([(path, v) for v in domain.values()])
-    return [config.trial_config(dict(combo)) for combo in itertools.product(*axes)] or [config.trial_config({})]
+    return [config.trial_config(point) for point in grid_points(config.sweep)] or [config.trial_config({})]
 
 
 @dataclass
@@ -509,11 +513,9 @@ def shuffled_grid(sweep: Any, seed: int, concurrency: int) -> tuple[dict[str, An
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    keys = [_key(path) for path in sweep.parameters]
-    axes = [domain.values() for domain in sweep.parameters.values()]
-    points = [dict(zip(keys, combo)) for combo in itertools.product(*axes)] * sweep.num_samples
+    points = [{_key(path): value for path, value in point.items()} for point in grid_points(sweep)] * sweep.num_samples
     random.Random(seed).shuffle(points)
-    param_space = {key: tune.choice(values) for key, values in zip(keys, axes)}
+    param_space = {_key(path): tune.choice(domain.values()) for path, domain in sweep.parameters.items()}
     return param_space, BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency), len(points)
 
 
