@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
 
-# beside a checkpoint PBT copied into a trial's next generation: the trial, checkpoint and result it came from
-PBT_ORIGIN = "origin.json"
-
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a trial can be trusted; the trial must not silently start over."""

@@ -10,6 +10,7 @@ resources so trials x workers never oversubscribe it.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -182,7 +183,11 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     # names come from the trial id (and its PBT generation) so a restored sweep finds the same Train run
     run_dir, pbt_start = train_run_dir(Path(setup["train_storage_path"]), trial_id)
     if pbt_start is not None:
-        trial["init_checkpoint"] = str(pbt_start)  # used only while the new run has no checkpoint of its own
+        # the copy a PBT generation starts from (used only while its run has no checkpoint of its own),
+        # and where it came from, for the trial's MLflow run
+        trial["init_checkpoint"] = str(pbt_start)
+        trial["pbt_origin"] = {**json.loads((pbt_start.parent / PBT_ORIGIN).read_text()),
+                               "generation": _pbt_generation(run_dir.name)}
     train = config.train
     resources_per_worker = {"CPU": train.cpus_per_worker}
     if train.gpus_per_worker:
@@ -282,6 +287,7 @@ def best_complete_checkpoint(run_dir: Path, metric: str, mode: str) -> tuple[Pat
 
 
 PBT_DIR = "pbt"
+PBT_ORIGIN = "origin.json"  # beside a PBT copy: the trial, checkpoint and result it was copied from
 
 
 def train_run_dir(train_storage_path: Path, trial_id: str) -> tuple[Path, Path | None]:
@@ -293,10 +299,12 @@ def train_run_dir(train_storage_path: Path, trial_id: str) -> tuple[Path, Path |
     storage, so a paused, restarted or `--resume`d trial finds its current run.
     """
     copies = [c for c in (train_storage_path / PBT_DIR).glob(f"train-{trial_id}-pbt*/checkpoint_*")
-              if _pbt_generation(c.parent.name) and _complete(c)]
-    if not copies:
+              if _pbt_generation(c.parent.name)]
+    # the newest generation whose copy is complete (a copy is verified only when it is the candidate)
+    latest = next((c for c in sorted(copies, key=lambda c: _pbt_generation(c.parent.name), reverse=True)
+                   if _complete(c)), None)
+    if latest is None:
         return train_storage_path / f"train-{trial_id}", None
-    latest = max(copies, key=lambda c: _pbt_generation(c.parent.name))
     return train_storage_path / latest.parent.name, latest
 
 
@@ -315,7 +323,6 @@ def make_pbt(sweep: Any, train_storage_path: Path) -> Any:
     the bottom quantile the copy of a top trial is copied again into that trial's next PBT
     generation (`train_run_dir`), which its restarted Train run resumes from.
     """
-    import json
     import random
     import shutil
 
@@ -333,7 +340,7 @@ def make_pbt(sweep: Any, train_storage_path: Path) -> Any:
         staging = destination.with_name(destination.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging / source.name)
-        (staging / ckpt.PBT_ORIGIN).write_text(json.dumps(origin))
+        (staging / PBT_ORIGIN).write_text(json.dumps(origin))
         shutil.rmtree(destination, ignore_errors=True)
         staging.rename(destination)
         return destination / source.name
@@ -360,7 +367,7 @@ def make_pbt(sweep: Any, train_storage_path: Path) -> Any:
             generation = _pbt_generation(current.name) + 1
             donor_copy = Path(donor_state.last_checkpoint.path)
             copied = copy_checkpoint(donor_copy, pbt_root / f"train-{trial.trial_id}-pbt{generation}",
-                                     json.loads((donor_copy.parent / ckpt.PBT_ORIGIN).read_text()))
+                                     json.loads((donor_copy.parent / PBT_ORIGIN).read_text()))
             if copied is None:
                 return
             # Tune restarts the trial from the donor state's checkpoint: hand it this trial's own copy
@@ -542,8 +549,6 @@ RUN_STATE = "loraforge_run.json"
 
 def write_run_state(run_dir: Path, experiment_id: str, parent_run_id: str, config: ExperimentConfig) -> None:
     """What `--resume` needs besides Tune's own state: the MLflow ids and the config the sweep ran with."""
-    import json
-
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_STATE).write_text(json.dumps({
         "experiment_id": experiment_id, "parent_run_id": parent_run_id, "config": config.model_dump(mode="json"),

@@ -173,8 +173,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and (init := (loop_config.get("trial") or {}).get("init_checkpoint")):
         checkpoint = ray.train.Checkpoint(init)
-        pbt_origin = json.loads((Path(init).parent / ckpt.PBT_ORIGIN).read_text())
-        pbt_origin["generation"] = Path(init).parent.name.rsplit("-pbt", 1)[1]
+        pbt_origin = loop_config["trial"]["pbt_origin"]
     if checkpoint is not None:
         resume_dir, resumed, skipped = _restore(checkpoint)
 
@@ -219,7 +218,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         elif pbt_origin:
             # PBT: this trial continues from a copy of a better trial's checkpoint with a new train.lr
             generation = pbt_origin["generation"]
-            mlflow_client.set_tag(run_id, "loraforge.pbt_generation", generation)
+            mlflow_client.set_tag(run_id, "loraforge.pbt_generation", str(generation))
             mlflow_client.set_tag(run_id, f"loraforge.pbt.{generation}", json.dumps({
                 "step": step, "train.lr": train_spec.lr, "from_trial": pbt_origin["trial_id"],
                 "from_checkpoint": pbt_origin["checkpoint"], "from_result": pbt_origin["result"]}))

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import adapters, tracking
-from pipeline.checkpoint import PBT_ORIGIN, step_of
+from pipeline.checkpoint import step_of
 from pipeline.config import load_config
 from pipeline.run import run_pipeline
+from pipeline.sweep import PBT_ORIGIN
 from tests.conftest import minilm_config, write_yaml
 
 pytestmark = pytest.mark.slow
