@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
-#   make quickstart   # venv + install + `loraforge run configs/quickstart.yaml`
-#   make test         # venv + install + the test suite
+#   make quickstart   # venv + install + fetch SST-2 + `loraforge run configs/quickstart.yaml`
+#   make test         # venv + install + fetch all data + the test suite
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,13 +17,18 @@ $(BIN)/loraforge: pyproject.toml
 
 venv: $(BIN)/loraforge
 
+# Third-party data is not in git: `loraforge data fetch` fills data/ from $$LORAFORGE_DATA_MIRROR,
+# ../shared/ beside the checkout, or the public sources, checking every file's sha256.
 quickstart: venv
+	$(BIN)/loraforge data fetch sst2
 	HF_HUB_OFFLINE=1 $(BIN)/loraforge run configs/quickstart.yaml
 
 test: venv
+	$(BIN)/loraforge data fetch
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -v --durations=15
 
 bench: venv
+	$(BIN)/loraforge data fetch sst2 e2e
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b2_trial_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b5_tokens_per_s.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b6_memory_strategies.py

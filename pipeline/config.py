@@ -13,7 +13,7 @@ import math
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import (
@@ -636,7 +636,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, env: di
     """Read a YAML experiment config, apply env and `key.sub=value` overrides, validate it.
 
     Precedence: file < RAY_ADDRESS / MLFLOW_TRACKING_URI < command-line overrides.
-    Relative data and storage paths are resolved against the current directory.
+    Relative data paths are read under the data root (LORAFORGE_DATA_ROOT, else `data/`);
+    relative storage paths are resolved against the current directory.
     Raises `ConfigError` listing every problem with its key (and YAML line).
     """
     path = Path(path)
@@ -683,7 +684,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, env: di
             problems.append(f"{loc or '<top>'}: {msg}{got}{where}")
         raise ConfigError(problems) from None
 
-    return _absolutize(config)
+    return _absolutize(config, env)
 
 
 def _strip_union_tags(loc: tuple[Any, ...]) -> list[Any]:
@@ -696,10 +697,13 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> list[Any]:
     return parts
 
 
-def _absolutize(config: ExperimentConfig) -> ExperimentConfig:
+def _absolutize(config: ExperimentConfig, env: Mapping[str, str]) -> ExperimentConfig:
     """Make file paths absolute so Ray workers (other cwd, other process) see the same files."""
-    config.data.train_path = config.data.train_path.expanduser().resolve()
-    config.data.eval_path = config.data.eval_path.expanduser().resolve()
+    from pipeline.datafiles import data_root
+
+    root = data_root(env)
+    config.data.train_path = (root / config.data.train_path.expanduser()).resolve()
+    config.data.eval_path = (root / config.data.eval_path.expanduser()).resolve()
     config.ray.storage_path = config.ray.storage_path.expanduser().resolve()
     uri = config.tracking.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

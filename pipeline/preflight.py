@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import adapters, data, strategies
+from pipeline import adapters, data, datafiles, strategies
 from pipeline.config import ConfigError, ExperimentConfig
 
 log = logging.getLogger("loraforge")
@@ -193,21 +193,24 @@ def check(config: ExperimentConfig, trial_configs: list[ExperimentConfig]) -> Da
     for warning in strategy_warnings:
         log.warning(warning)
     summary = None
+    file_problems = check_data_files(config)
     if not problems:
         problems += check_targets(config, trial_configs)
-        data_problems, summary = check_data(config)
-        problems += data_problems
-    else:
-        problems += check_data_files_only(config)
+        if not file_problems:
+            data_problems, summary = check_data(config)
+            problems += data_problems
+    problems += file_problems
     if problems:
         raise ConfigError(problems)
     assert summary is not None
     return summary
 
 
-def check_data_files_only(config: ExperimentConfig) -> list[str]:
+def check_data_files(config: ExperimentConfig) -> list[str]:
+    """Each data file exists; one the data manifest knows also matches its sha256 (the fix names the fetch)."""
+    manifest = datafiles.load_manifest()
     return [
-        f"data.{split}_path: file {str(path)!r} not found"
+        f"data.{split}_path: {problem}"
         for split, path in (("train", config.data.train_path), ("eval", config.data.eval_path))
-        if not path.is_file()
+        if (problem := datafiles.check_file(path, manifest=manifest))
     ]

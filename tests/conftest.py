@@ -1,4 +1,4 @@
-"""Shared fixtures: small real data cut from the vendored sets, a tiny causal LM saved to disk, Ray."""
+"""Shared fixtures: small real data cut from the fetched sets, a tiny causal LM saved to disk, Ray."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data"
+# The data root `make test` fills (`loraforge data fetch`), wherever pytest is started from.
+os.environ.setdefault("LORAFORGE_DATA_ROOT", str(REPO / "data"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,8 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
-def head_jsonl(src: Path, dst: Path, n: int, start: int = 0) -> Path:
-    with src.open() as f:
+def head_jsonl(name: str, dst: Path, n: int, start: int = 0) -> Path:
+    """Rows [start, start + n) of a manifest file (checked against its sha256 first) into `dst`."""
+    from pipeline import datafiles
+
+    with datafiles.require(name).open() as f:
         rows = [line for i, line in enumerate(f) if start <= i < start + n]
     dst.write_text("".join(rows))
     return dst
@@ -34,8 +38,8 @@ def write_yaml(path: Path, data: dict) -> Path:
 def sst2_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sst2")
     return {
-        "train": head_jsonl(DATA / "sst2" / "train.jsonl", root / "train.jsonl", 160),
-        "eval": head_jsonl(DATA / "sst2" / "dev.jsonl", root / "dev.jsonl", 64),
+        "train": head_jsonl("sst2/train.jsonl", root / "train.jsonl", 160),
+        "eval": head_jsonl("sst2/dev.jsonl", root / "dev.jsonl", 64),
     }
 
 
@@ -64,15 +68,17 @@ def minilm_config(tmp: Path, sst2: dict[str, Path], **sections) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_causal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama with a BPE tokenizer trained on the vendored text, saved with save_pretrained."""
+    """A 2-layer Llama with a BPE tokenizer trained on the fetched text, saved with save_pretrained."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from pipeline import datafiles
+
     root = tmp_path_factory.mktemp("tiny-llama")
     texts = []
     for name, fields in (("e2e/train.jsonl", ("mr", "ref")), ("alpaca/train.jsonl", ("instruction", "input", "output"))):
-        with (DATA / name).open() as f:
+        with datafiles.require(name).open() as f:
             for i, line in enumerate(f):
                 if i >= 2000:
                     break

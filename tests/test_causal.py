@@ -12,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.evaluate import score_adapter_dir
 from pipeline.run import run_pipeline
 from pipeline.train import evaluate
-from tests.conftest import DATA, head_jsonl, write_yaml
+from tests.conftest import head_jsonl, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,13 @@ def base_model_loss(config) -> float:
 def test_causal_task_trains_registers_and_reloads(kind: str, tmp_path: Path, tiny_causal_model: Path, ray_local):
     if kind == "instruction":
         section = {"kind": "instruction",
-                   "train_path": str(head_jsonl(DATA / "alpaca" / "train.jsonl", tmp_path / "train.jsonl", 96)),
-                   "eval_path": str(head_jsonl(DATA / "alpaca" / "train.jsonl", tmp_path / "eval.jsonl", 24, start=1000)),
+                   "train_path": str(head_jsonl("alpaca/train.jsonl", tmp_path / "train.jsonl", 96)),
+                   "eval_path": str(head_jsonl("alpaca/train.jsonl", tmp_path / "eval.jsonl", 24, start=1000)),
                    "max_truncated_fraction": 0.9}
     else:
         section = {"kind": "data_to_text",
-                   "train_path": str(head_jsonl(DATA / "e2e" / "train.jsonl", tmp_path / "train.jsonl", 96)),
-                   "eval_path": str(head_jsonl(DATA / "e2e" / "dev.jsonl", tmp_path / "eval.jsonl", 24))}
+                   "train_path": str(head_jsonl("e2e/train.jsonl", tmp_path / "train.jsonl", 96)),
+                   "eval_path": str(head_jsonl("e2e/dev.jsonl", tmp_path / "eval.jsonl", 24))}
     config = load_config(write_yaml(tmp_path / "c.yaml", causal_config(tmp_path, tiny_causal_model, section, f"tiny-{kind}")), env={})
     result = run_pipeline(config)
 

@@ -25,9 +25,9 @@ def problems_for(tmp_path: Path, config: dict, overrides: list[str] | None = Non
 
 
 def test_quickstart_config_loads():
-    config = load_config(REPO / "configs" / "quickstart.yaml", env={})
+    config = load_config(REPO / "configs" / "quickstart.yaml", env={"LORAFORGE_DATA_ROOT": str(REPO / "data")})
     assert config.sweep.trial_count() == 4
-    assert config.data.train_path.is_absolute() and config.data.train_path.is_file()
+    assert config.data.train_path == REPO / "data" / "sst2" / "train.jsonl" and config.data.train_path.is_file()
     assert Path(config.model.path, "config.json").is_file()
     assert config.tracking.tracking_uri.startswith("sqlite:////")
 

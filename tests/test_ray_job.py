@@ -67,7 +67,7 @@ def test_submitted_job_runs_the_sweep_and_writes_mlflow(ray_cluster: str, tmp_pa
     job_id = client.submit_job(
         entrypoint="python jobs/sweep.py configs/quickstart.yaml " + " ".join(f"'{o}'" for o in overrides),
         runtime_env={"working_dir": str(REPO),
-                     "excludes": [".venv", ".git", "data/e2e", "data/alpaca", "*.db", "loraforge_results", "reports"]},
+                     "excludes": [".venv", ".git", "data", "*.db", "loraforge_results", "reports"]},
     )
     deadline = time.time() + 420
     status = client.get_job_status(job_id)

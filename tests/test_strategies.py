@@ -17,7 +17,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import load_config
 from pipeline.evaluate import score_adapter_dir
 from pipeline.run import run_pipeline
-from tests.conftest import DATA, head_jsonl, minilm_config, write_yaml
+from tests.conftest import head_jsonl, minilm_config, write_yaml
 from tests.test_causal import base_model_loss, causal_config
 
 pytestmark = pytest.mark.slow
@@ -56,8 +56,8 @@ def test_strategies_swept_on_minilm(tmp_path: Path, sst2_small, ray_local):
 
 def test_strategies_swept_on_a_tiny_causal_lm(tmp_path: Path, tiny_causal_model: Path, ray_local):
     section = {"kind": "data_to_text",
-               "train_path": str(head_jsonl(DATA / "e2e" / "train.jsonl", tmp_path / "train.jsonl", 64)),
-               "eval_path": str(head_jsonl(DATA / "e2e" / "dev.jsonl", tmp_path / "eval.jsonl", 24))}
+               "train_path": str(head_jsonl("e2e/train.jsonl", tmp_path / "train.jsonl", 64)),
+               "eval_path": str(head_jsonl("e2e/dev.jsonl", tmp_path / "eval.jsonl", 24))}
     raw = causal_config(tmp_path, tiny_causal_model, section, "tiny-strategies")
     raw["train"].update({"num_workers": 2, "epochs": 1, "eval_every_steps": 2})
     raw["sweep"]["parameters"] = {"strategy": {"grid": STRATEGIES}}

@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline import adapters, benchmarks, data
 from pipeline.config import DataToTextData, InstructionData, load_config
-from tests.conftest import DATA, head_jsonl, minilm_config, write_yaml
+from tests.conftest import head_jsonl, minilm_config, write_yaml
 
 
 def test_make_batches_covers_every_index_once_and_buckets_by_length():
