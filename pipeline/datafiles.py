@@ -317,38 +317,35 @@ def _from_mirror_folder(mirror: Path, entry: DataFile, staged: Path) -> None:
 def _from_url(url: str, staged: Path, label: str) -> None:
     try:
         download.download(url, staged, label=label)
-    except download.NotThere as err:
-        raise Missing(str(err)) from None
-    except download.DownloadError as err:
+    except (download.NotThere, download.DownloadError) as err:
         raise Missing(str(err)) from None
 
 
 def _from_public(entry: DataFile, staged: Path, scratch: Path) -> None:
-    """Download the source, check its git blob hash, then unpack and convert it where needed."""
+    """Download from the public location; a source in another format is checked against its git blob, then converted."""
     if entry.convert is None and entry.source.member is None:
-        _from_url(entry.url, staged, entry.path)
-    else:
-        raw_path = scratch / f"{entry.source.blob or hashlib.sha1(entry.url.encode()).hexdigest()}.src"
-        if not raw_path.is_file():
-            _from_url(entry.url, raw_path, entry.path)
-        raw = raw_path.read_bytes()
-        if entry.source.blob and (blob := git_blob_of(raw)) != entry.source.blob:
-            raw_path.unlink()
-            raise Missing(f"the download is git blob {blob}, not {entry.source.blob} ({entry.source.repo}@"
-                          f"{entry.source.commit[:12]}:{entry.source.path}); refused")
-        if entry.source.member:
-            with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-                raw = archive.read(entry.source.member)
-            if entry.source.member_blob and (blob := git_blob_of(raw)) != entry.source.member_blob:
-                raise Missing(f"zip member {entry.source.member} is git blob {blob}, not {entry.source.member_blob}")
+        _from_url(entry.url, staged, entry.path)  # the file itself: the sha256 check follows
+        return
+    raw_path = scratch / (entry.path.replace("/", "__") + ".source")
+    _from_url(entry.url, raw_path, entry.path)
+    raw = raw_path.read_bytes()
+    raw_path.unlink()
+    source = entry.source
+    if source.blob and (blob := git_blob_of(raw)) != source.blob:
+        raise Missing(f"the download is git blob {blob}, not {source.blob} "
+                      f"({source.repo}@{source.commit[:12]}:{source.path}); refused")
+    if source.member:
         try:
-            staged.write_bytes(convert(raw, entry.convert) if entry.convert else raw)
-        except (ValueError, KeyError, TypeError, csv.Error) as err:
-            raise Missing(f"the source does not convert as the manifest says: {err}") from None
-    if entry.source.blob and entry.convert is None and entry.source.member is None:
-        if (blob := git_blob_of(staged.read_bytes())) != entry.source.blob:
-            staged.unlink()
-            raise Missing(f"the download is git blob {blob}, not {entry.source.blob}; refused")
+            with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+                raw = archive.read(source.member)
+        except (zipfile.BadZipFile, KeyError) as err:
+            raise Missing(f"cannot read {source.member} from the archive: {err}") from None
+        if source.member_blob and (blob := git_blob_of(raw)) != source.member_blob:
+            raise Missing(f"zip member {source.member} is git blob {blob}, not {source.member_blob}; refused")
+    try:
+        staged.write_bytes(convert(raw, entry.convert) if entry.convert else raw)
+    except (ValueError, KeyError, TypeError, IndexError, csv.Error) as err:
+        raise Missing(f"the source does not convert as the manifest says: {err}") from None
 
 
 def _sources(entry: DataFile, mirror: str | None, use_public: bool) -> list[tuple[str, Any]]:

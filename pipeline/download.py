@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ def download(url: str, dest: Path, *, label: str, attempts: int = 5, backoff_s: 
         except NotThere:
             raise
         except requests.exceptions.ConnectionError as err:
-            if not part.exists() and attempt == 1 and _unreachable(err):
-                raise NotThere(f"cannot connect ({type(err).__name__})") from None
+            if not part.exists() and attempt == 1 and (reason := _unreachable(err)):
+                raise NotThere(f"cannot connect ({reason})") from None
             last_error = f"{type(err).__name__}: {err}"
         except CUT as err:
             last_error = f"{type(err).__name__}: {err}"
@@ -92,8 +93,9 @@ def download(url: str, dest: Path, *, label: str, attempts: int = 5, backoff_s: 
     raise DownloadError(f"gave up after {attempts} attempts: {last_error}")
 
 
-def _unreachable(err: requests.exceptions.ConnectionError) -> bool:
-    """A connection that never opened (DNS, refused): offline, not a cut transfer worth retrying."""
-    text = str(err)
-    return any(s in text for s in ("NameResolutionError", "Failed to resolve", "Name or service not known",
-                                   "Connection refused", "Network is unreachable", "No route to host"))
+def _unreachable(err: requests.exceptions.ConnectionError) -> str | None:
+    """Why a connection never opened (DNS, refused, no route), or None for a cut transfer worth retrying."""
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):  # NameResolutionError is one too
+        return type(reason).__name__
+    return None
