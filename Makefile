@@ -12,7 +12,7 @@ $(BIN)/loraforge: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel (other versions pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[memory,test]"
+	$(BIN)/python -m pip install --quiet -e ".[memory,test,eval]"
 	touch $@
 
 venv: $(BIN)/loraforge

@@ -19,8 +19,8 @@ def main() -> None:
     """loraforge: sweep -> train -> track -> register -> evaluate."""
 
 
-def fail_config(error: Exception) -> None:
-    """Print a config problem without a traceback and exit 2."""
+def fail_config(error: Exception | str) -> None:
+    """Print a config or input problem without a traceback and exit 2."""
     from rich.console import Console
 
     Console(stderr=True, soft_wrap=True).print(f"error: {error}", highlight=False, markup=False)
@@ -144,8 +144,7 @@ def data_fetch(
     try:
         fetched = datafiles.fetch(names or [], root=root, mirror=mirror, force=force, echo=typer.echo)
     except datafiles.DataError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_CONFIG)
+        fail_config(err)
     where = (root or datafiles.data_root()).resolve()
     typer.echo(f"{len(fetched)} files verified under {where}")
 
@@ -168,6 +167,35 @@ def data_list(root: RootOption = None) -> None:
         table.add_row(item.dataset, item.entry.path, item.license, f"{item.entry.size / 2**20:.2f} MiB",
                       str(item.entry.rows), state)
     Console(width=200).print(table)
+
+
+metrics_app = typer.Typer(no_args_is_help=True, help="Score files in a benchmark's own format, as its official script does.")
+app.add_typer(metrics_app, name="metrics")
+
+
+@metrics_app.command("e2e")
+def metrics_e2e(
+    references: Annotated[Path, typer.Argument(metavar="REFS", help="References: one a line, a blank line between instances.")],
+    hypotheses: Annotated[Path, typer.Argument(metavar="HYP", help="System outputs: one a line, one per instance.")],
+) -> None:
+    """BLEU, NIST, METEOR, ROUGE_L and CIDEr, as the official E2E NLG metrics script computes them."""
+    from pipeline.eval import e2e_metrics
+
+    problems = [f"{name}: file {str(path)!r} not found" for name, path in (("REFS", references), ("HYP", hypotheses))
+                if not path.is_file()]
+    if problems:
+        fail_config("\n".join(problems))
+    refs = e2e_metrics.read_references(references)
+    hyps = e2e_metrics.read_hypotheses(hypotheses)
+    if len(refs) != len(hyps):
+        fail_config(f"{references} has {len(refs)} instances (blank-line separated) but {hypotheses} "
+                    f"has {len(hyps)} lines; give one output per instance")
+    try:
+        scores = e2e_metrics.score(refs, hyps)
+    except e2e_metrics.JavaMissing as err:
+        fail_config(err)
+    for name in e2e_metrics.METRICS:
+        typer.echo(f"{name}: {scores[name]:.4f}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,1 @@
+"""The evaluation stage: metrics and benchmark suites for registered adapters."""
