@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.datafiles import data_root
+
 
 class ConfigError(Exception):
     """A config problem a user can fix; carries every problem found, one per line."""
@@ -699,8 +701,6 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> list[Any]:
 
 def _absolutize(config: ExperimentConfig, env: Mapping[str, str]) -> ExperimentConfig:
     """Make file paths absolute so Ray workers (other cwd, other process) see the same files."""
-    from pipeline.datafiles import data_root
-
     root = data_root(env)
     config.data.train_path = (root / config.data.train_path.expanduser()).resolve()
     config.data.eval_path = (root / config.data.eval_path.expanduser()).resolve()
