@@ -75,13 +75,13 @@ def bleu_nist(references: list[list[str]], hypotheses: list[str]) -> tuple[float
     ref_words = [[mteval_tokenize(r) for r in refs] + [[]] * (n_refs - len(refs)) for refs in references]
     hyp_words = [mteval_tokenize(h) for h in hypotheses]
 
+    ref_grams = [[_ngrams(words) for words in refs] for refs in ref_words]  # counted once, used twice below
     # Information weights from every reference n-gram: -log2(count(w1..wn) / count(w1..wn-1)).
     ref_counts: Counter[tuple[str, ...]] = Counter()
-    total_words = 0
-    for refs in ref_words:
-        for words in refs:
-            total_words += len(words)
-            ref_counts.update(_ngrams(words))
+    for grams in ref_grams:
+        for counts in grams:
+            ref_counts.update(counts)
+    total_words = sum(len(words) for refs in ref_words for words in refs)
     info = {g: -math.log2(c / (ref_counts[g[:-1]] if len(g) > 1 else total_words)) for g, c in ref_counts.items()}
 
     ref_length = 0
@@ -89,13 +89,13 @@ def bleu_nist(references: list[list[str]], hypotheses: list[str]) -> tuple[float
     hyp_count = [0] * (MAX_NGRAM + 1)
     ref_count = [0] * (MAX_NGRAM + 1)
     hyp_info = [0.0] * (MAX_NGRAM + 1)
-    for refs, words in zip(ref_words, hyp_words):
+    for refs, grams, words in zip(ref_words, ref_grams, hyp_words):
         for n in range(1, MAX_NGRAM + 1):
             hyp_count[n] += max(0, len(words) - n + 1)
         best: Counter[tuple[str, ...]] = Counter()
         seg_ref_length = None
-        for ref in refs:
-            for gram, count in _ngrams(ref).items():
+        for ref, ref_ngrams in zip(refs, grams):
+            for gram, count in ref_ngrams.items():
                 best[gram] = max(best[gram], count)
             for n in range(1, MAX_NGRAM + 1):
                 ref_count[n] += max(0, len(ref) - n + 1)
