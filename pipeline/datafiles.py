@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -348,9 +348,12 @@ def _from_public(entry: DataFile, staged: Path, scratch: Path) -> None:
         raise Missing(f"the source does not convert as the manifest says: {err}") from None
 
 
-def _sources(entry: DataFile, mirror: str | None, use_public: bool) -> list[tuple[str, Any]]:
-    """(description, fetch(staged, scratch)) for each place to try, in order."""
-    sources: list[tuple[str, Any]] = []
+Fetcher = Callable[[Path, Path], None]  # (staged file, scratch folder) -> None, or raises Missing
+
+
+def _sources(entry: DataFile, mirror: str | None, use_public: bool) -> list[tuple[str, Fetcher]]:
+    """(description, fetcher) for each place to try, in order."""
+    sources: list[tuple[str, Fetcher]] = []
     if mirror:
         if mirror.startswith(("http://", "https://")):
             url = mirror.rstrip("/") + "/" + entry.in_mirror
