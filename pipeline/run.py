@@ -44,6 +44,11 @@ class PipelineResult:
     rows: list[dict[str, Any]]
 
 
+def set_env_defaults() -> None:
+    for key, value in _RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def connect_ray(config: ExperimentConfig) -> bool:
     """Join `ray.address` (RAY_ADDRESS already folded into the config) or start a local instance.
 
@@ -74,8 +79,7 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     `resume=True` continues the newest interrupted sweep of `config.name` (Tune restore:
     finished trials kept, the others continued from their checkpoints) under its MLflow parent run.
     """
-    for key, value in _RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    set_env_defaults()
     resume_dir, parent_run_id = None, None
     if resume:
         resume_dir = sweep.find_resumable(config)

@@ -1,0 +1,260 @@
+"""The evaluation stage: score an adapter, the base without it and the champion with benchmark suites.
+
+`run_stage` is what `loraforge eval` and the end of `loraforge run` call:
+
+1. check the suites against the config (exit 2 before any generation);
+2. pin every model to a fixed reference (`models:/name@alias` -> `models:/name/N`);
+3. per suite and model, Ray tasks with one trial worker's resources load the model from its
+   reference (the registry, a run, or a folder) and run it over a shard of the items;
+4. the driver scores the gathered outputs; a suite that fails is reported and the others go on;
+5. the results go to an MLflow evaluation run (metrics, per-item tables, the report), to the
+   model version's tags, to `--json`, and to a terminal table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import tracking
+from pipeline.config import SUITES_FOR_KIND, ConfigError, ExperimentConfig
+from pipeline.eval import suite as suites
+
+log = logging.getLogger("loraforge")
+
+SCHEMA_FILE = Path(__file__).parent / "results.schema.json"
+CHAMPION_ALIAS = "champion"
+
+
+@dataclass
+class EvalModel:
+    role: str  # candidate | base | champion | trial:<name>
+    ref: str | None  # adapter reference (None: the base model without an adapter)
+    version: str | None = None
+
+
+@dataclass
+class StageResult:
+    results: dict[str, Any]
+    failed: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+
+
+def suite_names(config: ExperimentConfig, requested: list[str] | None = None) -> list[str]:
+    """The suites to run: `requested` (--suite), else `eval.suites`, else the default for data.kind."""
+    default, allowed = SUITES_FOR_KIND[config.data.kind]
+    names = list(requested) if requested else (config.eval.suites if config.eval.suites is not None else list(default))
+    unknown = [n for n in names if n not in suites.NAMES]
+    if unknown:
+        raise ConfigError([f"--suite: unknown suite {n!r}; use one of {', '.join(suites.NAMES)}" for n in unknown])
+    wrong = [n for n in names if n not in allowed]
+    if wrong:
+        raise ConfigError([f"eval.suites: {n} cannot score data.kind {config.data.kind} (it takes "
+                           f"{', '.join(allowed)})" for n in wrong])
+    return names
+
+
+def check(config: ExperimentConfig, names: list[str]) -> None:
+    """Every problem the suites can see before any model runs, at once."""
+    from pipeline import data
+
+    problems: list[str] = []
+    try:
+        data.load_split(config.data, "eval", config.train.seed)
+    except ConfigError as err:
+        problems += err.problems
+    for name in names:
+        problems += suites.get(name).check(config)
+    if problems:
+        raise ConfigError(problems)
+
+
+def pin(ref: str, tracking_uri: str) -> tuple[str, str | None]:
+    """(a reference that cannot move, its model version or None): aliases resolve to their version now."""
+    if ref.startswith("models:/"):
+        name, sep, alias = ref.removeprefix("models:/").partition("@")
+        mlflow_client = tracking.client(tracking_uri)
+        if sep:
+            version = mlflow_client.get_model_version_by_alias(name, alias).version
+            return f"models:/{name}/{version}", str(version)
+        name, _, version = name.partition("/")
+        mlflow_client.get_model_version(name, version)  # fails now, not in a task, if it is not there
+        return ref, version
+    if ref.startswith("runs:/") or Path(ref).is_dir():
+        return ref, None
+    raise ConfigError([f"--model: {ref!r} is neither an adapter folder nor a models:/ or runs:/ URI"])
+
+
+def models_to_score(config: ExperimentConfig, model_ref: str | None, trials: list[EvalModel] | None = None) -> list[EvalModel]:
+    tracking_uri = config.tracking.tracking_uri
+    name = config.tracking.registered_model_name
+    ref = model_ref or f"models:/{name}@{config.tracking.alias}"
+    try:
+        pinned, version = pin(ref, tracking_uri)
+    except ConfigError:
+        raise
+    except Exception as err:  # the registry does not know it: say which reference
+        raise ConfigError([f"--model: cannot resolve {ref!r} ({err.__class__.__name__}: {err}); register an adapter "
+                           "first (loraforge run) or pass --model models:/name/N, runs:/ID/adapter or a folder"]) from None
+    models = [EvalModel("candidate", pinned, version), EvalModel("base", None)]
+    try:
+        champion = tracking.client(tracking_uri).get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except Exception:  # no champion yet
+        champion = None
+    if champion is not None and str(champion.version) != version:
+        models.append(EvalModel("champion", f"models:/{name}/{champion.version}", str(champion.version)))
+    return models + list(trials or [])
+
+
+def load_model(config: ExperimentConfig, ref: str | None, workdir: Path) -> tuple[Any, Any]:
+    """(model, tokenizer): the base as the trials trained against it, with the adapter `ref` on top if given."""
+    from pipeline import adapters, strategies
+
+    tokenizer = adapters.load_tokenizer(config.model, config.data)
+    base = strategies.inference_base(config)
+    if ref is None:
+        return base.eval(), tokenizer
+    adapter_dir = tracking.fetch_adapter(ref, config.tracking.tracking_uri, workdir / "adapter")
+    return adapters.load_adapter_model(adapter_dir, config.model, config.data, base=base).eval(), tokenizer
+
+
+def run_shard(config_dict: dict[str, Any], suite_name: str, ref: str | None, items: list[dict[str, Any]],
+              label: str) -> dict[str, Any]:
+    """One task: load the model and run one suite over one shard of its items."""
+    import torch
+    from tqdm import tqdm
+
+    config = ExperimentConfig.model_validate(config_dict)
+    torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
+    with tempfile.TemporaryDirectory(prefix="loraforge-eval-") as tmp:
+        began = time.perf_counter()
+        model, tokenizer = load_model(config, ref, Path(tmp))
+        load_s = time.perf_counter() - began
+        with tqdm(total=len(items), desc=f"{suite_name} {label}", mininterval=10, leave=False) as progress:
+            out = suites.get(suite_name).outputs(config, model, tokenizer, items, progress)
+    out["load_seconds"] = load_s
+    out["seconds"] = time.perf_counter() - began
+    return out
+
+
+def _shards(items: list[dict[str, Any]], count: int) -> list[list[dict[str, Any]]]:
+    count = max(1, min(count, len(items)))
+    return [items[i::count] for i in range(count)]
+
+
+def _gather(config: ExperimentConfig, suite_name: str, models: list[EvalModel], items: list[dict[str, Any]]
+            ) -> dict[str, dict[str, Any]]:
+    """Run `suite_name` for every model as Ray tasks (or in process without Ray); outputs per model role."""
+    import ray
+    from tqdm import tqdm
+
+    suite = suites.get(suite_name)
+    shards = _shards(items, config.eval.shards if suite.shardable else 1)
+    config_dict = config.model_dump(mode="json")
+    outputs: dict[str, dict[str, Any]] = {m.role: {"items": [], "gen_tokens": 0, "gen_seconds": 0.0, "seconds": 0.0}
+                                          for m in models}
+    train = config.train
+    task = ray.remote(num_cpus=train.cpus_per_worker, num_gpus=train.gpus_per_worker, max_retries=0)(run_shard)
+    pending = {task.remote(config_dict, suite_name, m.ref, shard, m.role): (m.role, len(shard))
+               for m in models for shard in shards}
+    with tqdm(total=len(items) * len(models), desc=f"eval {suite_name}", unit="item") as progress:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            role, size = pending.pop(done[0])
+            out = ray.get(done[0])
+            merged = outputs[role]
+            for key, value in out.items():
+                if key == "items":
+                    merged["items"].extend(value)
+                elif isinstance(value, (int, float)) and key in merged:
+                    merged[key] += value
+                else:
+                    merged[key] = value
+            progress.update(size)
+    for merged in outputs.values():
+        merged["items"].sort(key=lambda it: str(it["id"]) if isinstance(it["id"], str) else f"{it['id']:09d}")
+    return outputs
+
+
+def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_list: list[str] | None = None,
+              json_out: Path | None = None, reports_dir: Path | None = None,
+              trials: list[EvalModel] | None = None, names: list[str] | None = None) -> StageResult:
+    """Score the candidate (`model_ref`, default the config's registered alias), the base and the champion."""
+    from pipeline.eval import report
+
+    names = names or suite_names(config, suite_list)
+    check(config, names)
+    models = models_to_score(config, model_ref, trials)
+    candidate = models[0]
+    log.info("evaluating %s (version %s) against %s with %s", candidate.ref, candidate.version,
+             ", ".join(m.role for m in models[1:]), ", ".join(names))
+    from pipeline.run import connect_ray
+
+    connect_ray(config)
+    results: dict[str, Any] = {"model_ref": candidate.ref, "model_version": candidate.version,
+                               "models": {m.role: {"ref": m.ref, "version": m.version} for m in models},
+                               "suites": {}, "items": [], "failed": {}, "timing": {}}
+    for name in names:
+        began = time.perf_counter()
+        try:
+            items = suites.get(name).items(config)
+            outputs = _gather(config, name, models, items)
+            per_model: dict[str, dict[str, float]] = {}
+            for model in models:
+                metrics, scored = suites.get(name).score(config, outputs[model.role])
+                per_model[model.role] = metrics
+                results["items"] += [{"suite": name, "model": model.role, **item} for item in scored]
+                if name == "lm_eval":
+                    results.setdefault("harness", {})[model.role] = outputs[model.role]["harness"]
+        except ConfigError:
+            raise
+        except Exception as err:  # keep what finished; say which suite failed and why
+            log.error("suite %s failed: %s: %s", name, err.__class__.__name__, err)
+            results["failed"][name] = f"{err.__class__.__name__}: {err}"
+            continue
+        wall = time.perf_counter() - began
+        results["suites"][name] = per_model
+        gen = sum(outputs[m.role].get("gen_seconds", 0.0) for m in models)
+        results["timing"][name] = {"wall_seconds": wall, "task_seconds": sum(outputs[m.role]["seconds"] for m in models),
+                                   "generate_seconds": gen,
+                                   "generated_tokens": sum(outputs[m.role].get("gen_tokens", 0) for m in models)}
+    results = _trials_apart(results)
+    if json_out is not None:
+        write_json(results, json_out)
+    report.print_table(results)
+    run_id = report.log_results(config, results, reports_dir)
+    return StageResult(results, dict(results["failed"]), run_id)
+
+
+def _trials_apart(results: dict[str, Any]) -> dict[str, Any]:
+    """Trials' scores go under `trials`; `suites` keeps candidate, base and champion."""
+    trials: dict[str, dict[str, Any]] = {}
+    for suite_name, per_model in results["suites"].items():
+        for role in [r for r in per_model if r.startswith("trial:")]:
+            trials.setdefault(role.removeprefix("trial:"), {})[suite_name] = per_model.pop(role)
+    results["items"] = [it for it in results["items"] if not it["model"].startswith("trial:")]
+    for role in [r for r in results["models"] if r.startswith("trial:")]:
+        info = results["models"].pop(role)
+        trials.setdefault(role.removeprefix("trial:"), {})
+        trials[role.removeprefix("trial:")] = {"ref": info["ref"], "suites": trials[role.removeprefix("trial:")]}
+    if trials:
+        results["trials"] = trials
+    return results
+
+
+def validate(results: dict[str, Any]) -> None:
+    import jsonschema
+
+    jsonschema.validate(results, json.loads(SCHEMA_FILE.read_text()))
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    validate(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    return path
