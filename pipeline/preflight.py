@@ -200,10 +200,25 @@ def check(config: ExperimentConfig, trial_configs: list[ExperimentConfig]) -> Da
             data_problems, summary = check_data(config)
             problems += data_problems
     problems += file_problems
+    if not problems:
+        problems += check_suites(config)
     if problems:
         raise ConfigError(problems)
     assert summary is not None
     return summary
+
+
+def check_suites(config: ExperimentConfig) -> list[str]:
+    """What the benchmark suites after the sweep need (Java, harness tasks), checked before training."""
+    if not config.eval.enabled:
+        return []
+    from pipeline.eval import suite, stage
+
+    try:
+        names = stage.suite_names(config)
+    except ConfigError as err:
+        return err.problems
+    return [problem for name in names for problem in suite.get(name).check(config)]
 
 
 def check_data_files(config: ExperimentConfig) -> list[str]:

@@ -42,6 +42,7 @@ class PipelineResult:
     model_uri: str
     eval_metrics: dict[str, float]
     rows: list[dict[str, Any]]
+    evaluation: Any = None  # pipeline.eval.stage.StageResult when benchmark suites ran
 
 
 def set_env_defaults() -> None:
@@ -157,7 +158,25 @@ def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str
     rows = report.trial_rows(sweep_result.trials, config)
     report.print_table(rows, title=f"{config.name}: {len(rows)} trials ({config.sweep.scheduler}, {sweep_result.wall_s:.0f} s)")
     _write_report(config, mlflow_client, parent_run_id, sweep_result, rows, eval_metrics, model_uri, version.version, reports_dir)
-    return PipelineResult(sweep_result, parent_run_id, model_name, str(version.version), model_uri, eval_metrics, rows)
+    evaluation = _benchmark_stage(config, sweep_result, model_name, str(version.version), reports_dir)
+    if evaluation is not None:
+        mlflow_client.set_tag(parent_run_id, "loraforge.eval_run_id", evaluation.run_id)
+    return PipelineResult(sweep_result, parent_run_id, model_name, str(version.version), model_uri, eval_metrics, rows,
+                          evaluation)
+
+
+def _benchmark_stage(config: ExperimentConfig, sweep_result: sweep.SweepResult, model_name: str, version: str,
+                     reports_dir: Path | None) -> Any:
+    """The configured benchmark suites on the registered version (and, with eval.all_trials, every trial)."""
+    from pipeline.eval import stage
+
+    names = stage.suite_names(config)
+    if not config.eval.enabled or not names:
+        return None
+    trials = [stage.EvalModel(f"trial:{t.trial_name}", f"runs:/{t.run_id}/{tracking.ADAPTER_ARTIFACT}")
+              for t in sweep_result.trials if config.eval.all_trials and t.run_id and t.best_checkpoint]
+    return stage.run_stage(config, model_ref=f"models:/{model_name}/{version}", reports_dir=reports_dir,
+                           trials=trials, names=names)
 
 
 def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: str, sweep_result: sweep.SweepResult,

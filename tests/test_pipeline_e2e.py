@@ -9,6 +9,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import load_config
+from pipeline.eval.stage import validate
 from pipeline.run import run_pipeline
 from tests.conftest import minilm_config, write_yaml
 
@@ -21,6 +22,7 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
         sweep={"searcher": "grid", "scheduler": "asha", "asha": {"grace_period": 1, "reduction_factor": 2},
                "parameters": {"lora.r": {"grid": [2, 4]},
                               "lora.target_modules": {"grid": [["query", "value"], ["query", "key", "value", "attention.output.dense"]]}}},
+        eval={"suites": None},  # the default for classification: the classification suite
     )
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
     result = run_pipeline(config, reports_dir=tmp_path / "reports")
@@ -58,6 +60,25 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/report.md", "report/learning_curves.png", "report/metric_vs_rank.png",
             "report/rank_targets_heatmap.png"} <= artifacts
+
+    # the run ends with the benchmark stage on the registered version: candidate vs base
+    stage = result.evaluation.results
+    validate(stage)
+    assert stage["model_ref"] == f"models:/test-sst2-lora/{version.version}"
+    assert stage["model_version"] == str(version.version)
+    scores = stage["suites"]["classification"]
+    assert scores["candidate"]["accuracy"] == pytest.approx(result.eval_metrics["eval_accuracy"], abs=1e-9)
+    assert set(scores["candidate"]) == {"accuracy", "f1_macro", "f1", "mcc"}
+    # the base's classifier head is untrained: the adapter (which carries the head) must beat it
+    assert scores["candidate"]["accuracy"] > scores["base"]["accuracy"]
+    version = client.get_model_version(version.name, version.version)
+    assert float(version.tags["eval.classification.accuracy"]) == pytest.approx(scores["candidate"]["accuracy"], abs=1e-6)
+    eval_run = client.get_run(version.tags["loraforge.eval_run_id"])
+    assert eval_run.data.metrics["candidate_classification_accuracy"] == pytest.approx(scores["candidate"]["accuracy"])
+    assert eval_run.data.tags["loraforge.eval.model_version"] == str(version.version)
+    assert {"items", "report", "results.json"} <= {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+    assert len([i for i in stage["items"] if i["model"] == "base"]) == 64
+    assert (tmp_path / "reports" / "eval_report.md").is_file()
     assert (tmp_path / "reports" / "rank_targets_heatmap.png").stat().st_size > 1000
 
     # a user who knows only the URI: download, then plain transformers + peft

