@@ -35,6 +35,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b5_tokens_per_s.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b6_memory_strategies.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b1_asha_vs_grid.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b10_generation.py
 
 clean:
 	rm -rf $(VENV) loraforge_results mlruns.db mlartifacts reports
