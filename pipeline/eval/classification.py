@@ -8,6 +8,7 @@ import torch
 
 from pipeline import data
 from pipeline.config import ExperimentConfig
+from pipeline.eval import generation
 
 
 class ClassificationSuite:
@@ -34,9 +35,10 @@ class ClassificationSuite:
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         predictions = [0] * len(examples)
         model.eval()
+        device = generation.model_device(model)
         for start in range(0, len(order), config.eval.batch_size):
             chosen = order[start:start + config.eval.batch_size]
-            batch = data.collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in chosen], tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             for index, predicted in zip(chosen, logits.argmax(-1).tolist()):
                 predictions[index] = predicted

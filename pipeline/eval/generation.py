@@ -46,6 +46,10 @@ def generate_kwargs(spec: GenerationSpec, tokenizer: Any) -> dict[str, Any]:
     return kwargs
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def left_pad(batch: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -58,9 +62,10 @@ def left_pad(batch: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, tor
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], spec: GenerationSpec,
-             *, device: torch.device = torch.device("cpu"), progress: Any = None) -> Generated:
-    """Decode every prompt; `progress` (a tqdm bar) is advanced by the prompts done."""
+             *, progress: Any = None) -> Generated:
+    """Decode every prompt on the model's device; `progress` (a tqdm bar) is advanced by the prompts done."""
     model.eval()
+    device = model_device(model)
     kwargs = generate_kwargs(spec, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)

@@ -13,6 +13,7 @@ import torch
 
 from pipeline import data
 from pipeline.config import ExperimentConfig
+from pipeline.eval import generation
 
 
 class PerplexitySuite:
@@ -33,16 +34,17 @@ class PerplexitySuite:
         nll = [0.0] * len(examples)
         tokens = [0] * len(examples)
         model.eval()
+        device = generation.model_device(model)
         for start in range(0, len(order), config.eval.batch_size):
             chosen = order[start:start + config.eval.batch_size]
-            batch = data.collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in chosen], tokenizer.pad_token_id).items()}
             labels = batch["labels"]
             scored = (labels != data.IGNORE_INDEX).any(0).nonzero()
             if len(scored):
                 first = max(int(scored[0]) - 1, 0)  # logits at t predict token t + 1
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                logits_to_keep=labels.shape[1] - first).logits
-                targets = labels[:, first + 1:]
+                targets = labels[:, first + 1:]  # on the model's device, like the logits
                 losses = torch.nn.functional.cross_entropy(
                     logits[:, :-1].float().transpose(1, 2), targets, ignore_index=data.IGNORE_INDEX, reduction="none")
                 for row, index in enumerate(chosen):

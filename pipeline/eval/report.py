@@ -27,10 +27,18 @@ def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             if row.get("candidate") is not None and row.get("base") is not None:
                 row["candidate - base"] = row["candidate"] - row["base"]
             rows.append(row)
-    for trial, info in results.get("trials", {}).items():
+    return rows
+
+
+def trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per trial: its sampled params, then `<suite>.<metric>` columns."""
+    rows = []
+    for trial, info in sorted(results.get("trials", {}).items()):
+        row: dict[str, Any] = {"trial": trial + (" (candidate)" if info.get("same_as") else "")}
+        row.update({k: v for k, v in info.get("params", {}).items()})
         for suite_name, metrics in info["suites"].items():
-            for metric, value in metrics.items():
-                rows.append({"suite": suite_name, "metric": metric, "trial": trial, "value": value})
+            row.update({f"{suite_name}.{m}": v for m, v in metrics.items() if m not in ("tokens", "examples")})
+        rows.append(row)
     return rows
 
 
@@ -42,7 +50,7 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows = [r for r in metric_rows(results) if "trial" not in r]
+    rows = metric_rows(results)
     columns = ["suite", "metric", *[r for r in ROLES if any(r in row for row in rows)], "candidate - base"]
     table = Table(title=f"evaluation of {results['model_ref']}")
     for column in columns:
@@ -53,6 +61,15 @@ def print_table(results: dict[str, Any]) -> None:
     if not console.is_terminal:
         console = Console(width=160)
     console.print(table)
+    trials = trial_rows(results)
+    if trials:
+        keys = list(dict.fromkeys(k for r in trials for k in r))
+        trial_table = Table(title="every trial's adapter")
+        for key in keys:
+            trial_table.add_column(key, justify="left" if key == "trial" else "right")
+        for row in trials:
+            trial_table.add_row(*(_fmt(row.get(k)) for k in keys))
+        console.print(trial_table)
     for suite_name, why in results.get("failed", {}).items():
         console.print(f"suite {suite_name} FAILED: {why}", markup=False, highlight=False)
 
@@ -101,13 +118,14 @@ def markdown(results: dict[str, Any], pictures: list[str]) -> str:
     lines = [f"# Evaluation of `{results['model_ref']}`", ""]
     if results["model_version"]:
         lines += [f"Model version {results['model_version']}.", ""]
-    model_rows = [r for r in rows if "trial" not in r]
-    if model_rows:
-        keys = list(dict.fromkeys(k for r in model_rows for k in r))
-        lines += [sweep_report.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in model_rows]), ""]
-    trial_rows = [r for r in rows if "trial" in r]
-    if trial_rows:
-        lines += ["## Every trial's final adapter", "", sweep_report.markdown_table(trial_rows), ""]
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        lines += [sweep_report.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in rows]), ""]
+    trials = trial_rows(results)
+    if trials:
+        keys = list(dict.fromkeys(k for r in trials for k in r))
+        lines += ["## Every trial's adapter (the one its MLflow run logged)", "",
+                  sweep_report.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in trials]), ""]
     for suite_name, why in results.get("failed", {}).items():
         lines += [f"**Suite {suite_name} failed:** {why}", ""]
     return "\n".join(lines + pictures) + "\n"

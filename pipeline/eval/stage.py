@@ -36,6 +36,8 @@ class EvalModel:
     role: str  # candidate | base | champion | trial:<name>
     ref: str | None  # adapter reference (None: the base model without an adapter)
     version: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # a trial's sampled config
+    same_as: str | None = None  # a trial whose adapter is the candidate's: its scores, not scored twice
 
 
 @dataclass
@@ -115,11 +117,16 @@ def load_model(config: ExperimentConfig, ref: str | None, workdir: Path) -> tupl
     """(model, tokenizer): the base as the trials trained against it, with the adapter `ref` on top if given."""
     from pipeline import adapters, strategies
 
+    import torch
+
     tokenizer = adapters.load_tokenizer(config.model, config.data)
-    base = strategies.inference_base(config)
+    # a task asking for a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); without one, the CPU
+    device = torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
+    base = strategies.inference_base(config, device)
     if ref is None:
         return base.eval(), tokenizer
     adapter_dir = tracking.fetch_adapter(ref, config.tracking.tracking_uri, workdir / "adapter")
+    # PEFT puts each LoRA layer on its base layer's device
     return adapters.load_adapter_model(adapter_dir, config.model, config.data, base=base).eval(), tokenizer
 
 
@@ -189,7 +196,7 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
 
     names = names or suite_names(config, suite_list)
     check(config, names)
-    models = models_to_score(config, model_ref, trials)
+    models = models_to_score(config, model_ref, [t for t in trials or [] if t.same_as is None])
     candidate = models[0]
     log.info("evaluating %s (version %s) against %s with %s", candidate.ref, candidate.version,
              ", ".join(m.role for m in models[1:]), ", ".join(names))
@@ -223,7 +230,7 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
         results["timing"][name] = {"wall_seconds": wall, "task_seconds": sum(outputs[m.role]["seconds"] for m in models),
                                    "generate_seconds": gen,
                                    "generated_tokens": sum(outputs[m.role].get("gen_tokens", 0) for m in models)}
-    results = _trials_apart(results)
+    results = _trials_apart(results, trials or [])
     if json_out is not None:
         write_json(results, json_out)
     report.print_table(results)
@@ -231,19 +238,21 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
     return StageResult(results, dict(results["failed"]), run_id)
 
 
-def _trials_apart(results: dict[str, Any]) -> dict[str, Any]:
-    """Trials' scores go under `trials`; `suites` keeps candidate, base and champion."""
-    trials: dict[str, dict[str, Any]] = {}
-    for suite_name, per_model in results["suites"].items():
-        for role in [r for r in per_model if r.startswith("trial:")]:
-            trials.setdefault(role.removeprefix("trial:"), {})[suite_name] = per_model.pop(role)
+def _trials_apart(results: dict[str, Any], trials: list[EvalModel]) -> dict[str, Any]:
+    """Trials' scores go under `trials` (with their sampled params); `suites` keeps candidate, base, champion."""
+    out: dict[str, dict[str, Any]] = {}
+    for trial in trials:
+        scored = {}
+        for suite_name, per_model in results["suites"].items():
+            source = trial.same_as or trial.role
+            if source in per_model:
+                scored[suite_name] = per_model[source] if trial.same_as else per_model.pop(source)
+        out[trial.role.removeprefix("trial:")] = {"ref": trial.ref, "params": trial.params, "suites": scored,
+                                                  **({"same_as": trial.same_as} if trial.same_as else {})}
+        results["models"].pop(trial.role, None)
     results["items"] = [it for it in results["items"] if not it["model"].startswith("trial:")]
-    for role in [r for r in results["models"] if r.startswith("trial:")]:
-        info = results["models"].pop(role)
-        trials.setdefault(role.removeprefix("trial:"), {})
-        trials[role.removeprefix("trial:")] = {"ref": info["ref"], "suites": trials[role.removeprefix("trial:")]}
-    if trials:
-        results["trials"] = trials
+    if out:
+        results["trials"] = out
     return results
 
 

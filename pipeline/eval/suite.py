@@ -36,7 +36,7 @@ def metric_name(raw: str) -> str:
 
 
 def get(name: str) -> Suite:
-    from pipeline.eval import classification, e2e_nlg, harness, perplexity
+    from pipeline.eval import classification, e2e_nlg, harness, mt_bench, perplexity
 
-    suites = {s.name: s for s in (classification.SUITE, perplexity.SUITE, e2e_nlg.SUITE, harness.SUITE)}
+    suites = {s.name: s for s in (classification.SUITE, perplexity.SUITE, e2e_nlg.SUITE, harness.SUITE, mt_bench.SUITE)}
     return suites[name]

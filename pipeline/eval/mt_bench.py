@@ -1,0 +1,87 @@
+"""`mt_bench`: answers to the MT-Bench questions, as FastChat's `gen_model_answer` collects them.
+
+Each question has two turns; turn 2 is asked in the same conversation, after turn 1 and the
+model's own answer to it. Prompts go through the tokenizer's chat template (a tokenizer without
+one gets the task's instruction prompt per turn, the turns concatenated). The answers are the
+items a judge grades (the evaluation stage, part 2); this suite's own metrics only count them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline import data, datafiles
+from pipeline.config import ExperimentConfig, GenerationSpec, InstructionData
+from pipeline.eval import generation
+
+
+def decoding(config: ExperimentConfig) -> GenerationSpec:
+    return config.eval.mt_bench.generation or config.eval.generation
+
+
+class MtBenchSuite:
+    name = "mt_bench"
+    shardable = True
+
+    def check(self, config: ExperimentConfig) -> list[str]:
+        path = config.eval.mt_bench.questions_path
+        problem = datafiles.check_file(path, manifest=datafiles.load_manifest())
+        return [f"eval.mt_bench.questions_path: {problem}"] if problem else []
+
+    def items(self, config: ExperimentConfig) -> list[dict[str, Any]]:
+        spec = config.eval.mt_bench
+        lines = spec.questions_path.read_text(encoding="utf-8").splitlines()
+        questions = [json.loads(line) for line in lines if line.strip()][: spec.max_questions]
+        return [{"id": int(q["question_id"]), "category": q.get("category", ""), "turns": list(q["turns"][: spec.turns])}
+                for q in questions]
+
+    def outputs(self, config: ExperimentConfig, model: Any, tokenizer: Any, items: list[dict[str, Any]],
+                progress: Any) -> dict[str, Any]:
+        gen = decoding(config)
+        answers: list[list[str]] = [[] for _ in items]
+        tokens = [0] * len(items)
+        total_tokens, seconds = 0, 0.0
+        for turn in range(max(len(it["turns"]) for it in items)):
+            asked = [i for i, it in enumerate(items) if len(it["turns"]) > turn]
+            prompts = [self._prompt(config, tokenizer, items[i]["turns"][: turn + 1], answers[i]) for i in asked]
+            out = generation.generate(model, tokenizer, prompts, gen)
+            for i, text, n in zip(asked, out.texts, out.per_item_tokens):
+                answers[i].append(text)
+                tokens[i] += n
+            total_tokens += out.new_tokens
+            seconds += out.seconds
+        if progress is not None:
+            progress.update(len(items))
+        return {"items": [{**it, "answers": a, "prediction": a[0], "new_tokens": n}
+                          for it, a, n in zip(items, answers, tokens)],
+                "gen_tokens": total_tokens, "gen_seconds": seconds}
+
+    @staticmethod
+    def _prompt(config: ExperimentConfig, tokenizer: Any, turns: list[str], answers: list[str]) -> list[int]:
+        if getattr(tokenizer, "chat_template", None):
+            messages: list[dict[str, str]] = []
+            for i, question in enumerate(turns):
+                messages.append({"role": "user", "content": question})
+                if i < len(answers):
+                    messages.append({"role": "assistant", "content": answers[i]})
+            return data.chat_ids(tokenizer, messages)
+        spec = config.data if isinstance(config.data, InstructionData) else InstructionData(
+            kind="instruction", train_path=config.data.train_path, eval_path=config.data.eval_path)
+        text = ""
+        for i, question in enumerate(turns):
+            text += data.prompt_text(spec, {spec.instruction_field: question})
+            if i < len(answers):
+                text += answers[i] + "\n\n"
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def score(self, config: ExperimentConfig, outputs: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        items = outputs["items"]
+        answers = [a for it in items for a in it["answers"]]
+        metrics = {"questions": float(len(items)), "answers": float(len(answers)),
+                   "mean_new_tokens": sum(it["new_tokens"] for it in items) / max(len(answers), 1),
+                   "empty_answers": float(sum(not a.strip() for a in answers))}
+        return metrics, items
+
+
+SUITE = MtBenchSuite()
