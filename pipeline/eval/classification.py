@@ -8,7 +8,7 @@ import torch
 
 from pipeline import data
 from pipeline.config import ExperimentConfig
-from pipeline.eval import generation
+from pipeline.eval.suite import sorted_batches
 
 
 class ClassificationSuite:
@@ -32,13 +32,8 @@ class ClassificationSuite:
         rows = [{spec.text_field: it["text"], spec.label_field: it["label"],
                  **({spec.text_pair_field: it["text_pair"]} if spec.text_pair_field else {})} for it in items]
         examples = data.tokenize_rows(spec, rows, tokenizer)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         predictions = [0] * len(examples)
-        model.eval()
-        device = generation.model_device(model)
-        for start in range(0, len(order), config.eval.batch_size):
-            chosen = order[start:start + config.eval.batch_size]
-            batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in chosen], tokenizer.pad_token_id).items()}
+        for chosen, batch in sorted_batches(model, examples, config.eval.batch_size, tokenizer.pad_token_id):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             for index, predicted in zip(chosen, logits.argmax(-1).tolist()):
                 predictions[index] = predicted

@@ -13,7 +13,7 @@ import torch
 
 from pipeline import data
 from pipeline.config import ExperimentConfig
-from pipeline.eval import generation
+from pipeline.eval.suite import sorted_batches
 
 
 class PerplexitySuite:
@@ -30,14 +30,9 @@ class PerplexitySuite:
     def outputs(self, config: ExperimentConfig, model: Any, tokenizer: Any, items: list[dict[str, Any]],
                 progress: Any) -> dict[str, Any]:
         examples = data.tokenize_rows(config.data, [it["row"] for it in items], tokenizer)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         nll = [0.0] * len(examples)
         tokens = [0] * len(examples)
-        model.eval()
-        device = generation.model_device(model)
-        for start in range(0, len(order), config.eval.batch_size):
-            chosen = order[start:start + config.eval.batch_size]
-            batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in chosen], tokenizer.pad_token_id).items()}
+        for chosen, batch in sorted_batches(model, examples, config.eval.batch_size, tokenizer.pad_token_id):
             labels = batch["labels"]
             scored = (labels != data.IGNORE_INDEX).any(0).nonzero()
             if len(scored):

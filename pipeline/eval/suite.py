@@ -9,7 +9,7 @@ names are lowercase MLflow-safe identifiers.
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 from pipeline.config import SUITES, ExperimentConfig
 
@@ -28,6 +28,21 @@ class Suite(Protocol):
                 progress: Any) -> dict[str, Any]: ...
 
     def score(self, config: ExperimentConfig, outputs: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]: ...
+
+
+def sorted_batches(model: Any, examples: Sequence[Any], batch_size: int, pad_token_id: int
+                   ) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """(indices into `examples`, padded batch on the model's device), shortest examples first so a batch pads little."""
+    from pipeline import data
+    from pipeline.eval.generation import model_device
+
+    model.eval()
+    device = model_device(model)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        batch = data.collate([examples[i] for i in chosen], pad_token_id)
+        yield chosen, {k: v.to(device) for k, v in batch.items()}
 
 
 def metric_name(raw: str) -> str:
