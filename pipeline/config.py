@@ -576,6 +576,10 @@ class EvalSpec(StrictModel):
                              "(a rank study); the candidate and base are always scored.")
     shards: int = Field(1, gt=0, description="Ray tasks a generation suite's prompts are split over, per model.")
 
+    def decoding(self, suite_name: str) -> GenerationSpec:
+        """A generation suite's decoding: its own `eval.<suite>.generation`, else `eval.generation`."""
+        return getattr(self, suite_name).generation or self.generation
+
 
 class RaySpec(StrictModel):
     address: str | None = Field(None, description="Cluster to join; RAY_ADDRESS overrides. None: a local instance.")

@@ -147,11 +147,15 @@ def uses_chat_template(spec: InstructionData | DataToTextData, tokenizer: Any) -
     return spec.prompt_template is None and bool(getattr(tokenizer, "chat_template", None))
 
 
+def _instruction_and_input(spec: InstructionData, row: dict[str, Any]) -> tuple[str, str]:
+    extra = (row.get(spec.input_field) or "").strip() if spec.input_field else ""
+    return row[spec.instruction_field].strip(), extra
+
+
 def _user_message(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> str:
     match spec:
         case InstructionData():
-            extra = (row.get(spec.input_field) or "").strip() if spec.input_field else ""
-            instruction = row[spec.instruction_field].strip()
+            instruction, extra = _instruction_and_input(spec, row)
             return f"{instruction}\n\n{extra}" if extra else instruction
         case DataToTextData():
             return str(row[spec.source_field])
@@ -162,8 +166,7 @@ def prompt_text(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> 
     """The task's own prompt (no chat template): the config's template, or Alpaca / `{source}\n### Text:\n`."""
     match spec:
         case InstructionData():
-            extra = (row.get(spec.input_field) or "").strip() if spec.input_field else ""
-            instruction = row[spec.instruction_field].strip()
+            instruction, extra = _instruction_and_input(spec, row)
             if spec.prompt_template is not None:
                 return spec.prompt_template.format(instruction=instruction, input=extra)
             return ALPACA_PROMPT.format(

@@ -11,13 +11,9 @@ import shutil
 from typing import Any
 
 from pipeline import data
-from pipeline.config import DataToTextData, ExperimentConfig, GenerationSpec
+from pipeline.config import DataToTextData, ExperimentConfig
 from pipeline.eval import e2e_metrics, generation
 from pipeline.eval.suite import metric_name
-
-
-def decoding(config: ExperimentConfig) -> GenerationSpec:
-    return config.eval.e2e_nlg.generation or config.eval.generation
 
 
 class E2eNlgSuite:
@@ -44,7 +40,7 @@ class E2eNlgSuite:
                 progress: Any) -> dict[str, Any]:
         spec = config.data
         prompts = [data.prompt_ids(spec, {spec.source_field: it["mr"]}, tokenizer) for it in items]
-        out = generation.generate(model, tokenizer, prompts, decoding(config), progress=progress)
+        out = generation.generate(model, tokenizer, prompts, config.eval.decoding(self.name), progress=progress)
         return {"items": [{**it, "prediction": text, "new_tokens": n}
                           for it, text, n in zip(items, out.texts, out.per_item_tokens)],
                 "gen_tokens": out.new_tokens, "gen_seconds": out.seconds}

@@ -12,12 +12,8 @@ import json
 from typing import Any
 
 from pipeline import data, datafiles
-from pipeline.config import ExperimentConfig, GenerationSpec, InstructionData
+from pipeline.config import ExperimentConfig, InstructionData
 from pipeline.eval import generation
-
-
-def decoding(config: ExperimentConfig) -> GenerationSpec:
-    return config.eval.mt_bench.generation or config.eval.generation
 
 
 class MtBenchSuite:
@@ -38,7 +34,7 @@ class MtBenchSuite:
 
     def outputs(self, config: ExperimentConfig, model: Any, tokenizer: Any, items: list[dict[str, Any]],
                 progress: Any) -> dict[str, Any]:
-        gen = decoding(config)
+        gen = config.eval.decoding(self.name)
         answers: list[list[str]] = [[] for _ in items]
         tokens = [0] * len(items)
         total_tokens, seconds = 0, 0.0
@@ -66,8 +62,8 @@ class MtBenchSuite:
                 if i < len(answers):
                     messages.append({"role": "assistant", "content": answers[i]})
             return data.chat_ids(tokenizer, messages)
-        spec = config.data if isinstance(config.data, InstructionData) else InstructionData(
-            kind="instruction", train_path=config.data.train_path, eval_path=config.data.eval_path)
+        spec = config.data  # mt_bench fits data.kind instruction only
+        assert isinstance(spec, InstructionData)
         text = ""
         for i, question in enumerate(turns):
             text += data.prompt_text(spec, {spec.instruction_field: question})
