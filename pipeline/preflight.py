@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline import adapters, data, datafiles, strategies
-from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
 
 log = logging.getLogger("loraforge")
 
@@ -209,7 +209,7 @@ def check(config: ExperimentConfig, trial_configs: list[ExperimentConfig]) -> Da
 
 
 def check_suites(config: ExperimentConfig) -> list[str]:
-    """What the benchmark suites after the sweep need (Java, harness tasks), checked before training."""
+    """What the benchmark suites after the sweep need (Java, harness tasks, the judge), checked before training."""
     if not config.eval.enabled:
         return []
     from pipeline.eval import suite, stage
@@ -218,7 +218,17 @@ def check_suites(config: ExperimentConfig) -> list[str]:
         names = stage.suite_names(config)
     except ConfigError as err:
         return err.problems
-    return [problem for name in names for problem in suite.get(name).check(config)]
+    from pipeline.eval.judge import stage as judge_stage
+
+    problems = [problem for name in names if name not in JUDGE_SUITES for problem in suite.get(name).check(config)]
+    problems += judge_stage.check(config, names)
+    if not problems and judge_stage.modes(names) and config.judge.base_url is not None:
+        try:  # a remote judge is probed before training (the local one starts at the evaluation stage)
+            with judge_stage.session(config):
+                pass
+        except ConfigError as err:
+            problems += err.problems
+    return problems
 
 
 def check_data_files(config: ExperimentConfig) -> list[str]:

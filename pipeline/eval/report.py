@@ -14,6 +14,18 @@ from pipeline.config import ExperimentConfig
 ROLES = ("base", "candidate", "champion")
 
 
+def roles_of(per_model: dict[str, Any]) -> list[str]:
+    """The models in a suite's results: base, candidate, champion first, then others (side-by-side ref:<name>)."""
+    return [r for r in ROLES if r in per_model] + [r for r in per_model if r not in ROLES]
+
+
+def metric_key(suite_name: str, role: str, metric: str) -> str:
+    """MLflow metric name: `<role>_<suite>_<metric>`; the judge's `judge.<mode>.<model>.<metric>`."""
+    if suite_name.startswith("judge_"):
+        return f"judge.{suite_name.removeprefix('judge_')}.{role.replace(':', '_')}.{metric}"
+    return f"{role}_{suite_name}_{metric}"
+
+
 def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (suite, metric): each model's value and the candidate's change over the base."""
     rows = []
@@ -21,9 +33,8 @@ def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         metrics = list(dict.fromkeys(m for values in per_model.values() for m in values))
         for metric in metrics:
             row: dict[str, Any] = {"suite": suite_name, "metric": metric}
-            for role in ROLES:
-                if role in per_model:
-                    row[role] = per_model[role].get(metric)
+            for role in roles_of(per_model):
+                row[role] = per_model[role].get(metric)
             if row.get("candidate") is not None and row.get("base") is not None:
                 row["candidate - base"] = row["candidate"] - row["base"]
             rows.append(row)
@@ -51,7 +62,8 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     rows = metric_rows(results)
-    columns = ["suite", "metric", *[r for r in ROLES if any(r in row for row in rows)], "candidate - base"]
+    others = list(dict.fromkeys(k for row in rows for k in row if k not in ("suite", "metric", "candidate - base")))
+    columns = ["suite", "metric", *roles_of(dict.fromkeys(others)), "candidate - base"]
     table = Table(title=f"evaluation of {results['model_ref']}")
     for column in columns:
         table.add_column(column, justify="left" if column in ("suite", "metric") else "right")
@@ -70,19 +82,28 @@ def print_table(results: dict[str, Any]) -> None:
         for row in trials:
             trial_table.add_row(*(_fmt(row.get(k)) for k in keys))
         console.print(trial_table)
+    if "judge" in results:
+        console.print(judge_line(results["judge"]), markup=False, highlight=False)
     for suite_name, why in results.get("failed", {}).items():
         console.print(f"suite {suite_name} FAILED: {why}", markup=False, highlight=False)
+
+
+def judge_line(judge: dict[str, Any]) -> str:
+    return (f"judge {judge['name']} ({judge['base_url']}): {judge['requests']} requests ({judge['retries']} retries, "
+            f"{judge['failed_requests']} failed), {judge['cached']} from the cache, {judge['prompt_tokens']} prompt + "
+            f"{judge['completion_tokens']} completion tokens, ${judge['cost_usd']:.4f}; "
+            f"judging took {judge['judge_seconds']:.1f} s")
 
 
 def metrics_png(suite_name: str, per_model: dict[str, dict[str, float]], path: Path) -> Path:
     """Grouped bars: one group per metric, one bar per model."""
     plt = sweep_report._plt()
     metrics = [m for m in dict.fromkeys(k for v in per_model.values() for k in v) if m not in ("tokens", "examples")]
-    roles = [r for r in ROLES if r in per_model]
+    roles = roles_of(per_model)
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 * len(metrics) + 1, 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         values = [per_model[r].get(metric, 0.0) for r in roles]
-        ax.bar(roles, values, color=["#999999", "#1f77b4", "#ff7f0e"][:len(roles)])
+        ax.bar(roles, values, color=(["#999999", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"] * 2)[:len(roles)])
         ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=8)
     fig.suptitle(f"{suite_name}: metrics per model", fontsize=10)
@@ -95,7 +116,7 @@ def metrics_png(suite_name: str, per_model: dict[str, dict[str, float]], path: P
 def scores_png(suite_name: str, items: list[dict[str, Any]], path: Path) -> Path | None:
     """Per-item score distributions, one histogram per model."""
     by_role = {r: [it["score"] for it in items if it["model"] == r and isinstance(it.get("score"), (int, float))]
-               for r in ROLES}
+               for r in roles_of(dict.fromkeys(it["model"] for it in items))}
     by_role = {r: s for r, s in by_role.items() if s}
     if not by_role:
         return None
@@ -107,6 +128,58 @@ def scores_png(suite_name: str, items: list[dict[str, Any]], path: Path) -> Path
     ax.set_ylabel("items")
     ax.set_title(f"{suite_name}: per-item scores", fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def categories_png(items: list[dict[str, Any]], path: Path) -> Path | None:
+    """judge_single: mean score per MT-Bench category, one bar per model."""
+    scored = [it for it in items if it["status"] == "scored" and it.get("category")]
+    if not scored:
+        return None
+    categories = sorted({it["category"] for it in scored})
+    roles = roles_of(dict.fromkeys(it["model"] for it in scored))
+    plt = sweep_report._plt()
+    fig, ax = plt.subplots(figsize=(1.1 * len(categories) * max(1, len(roles)) / 2 + 3, 3.4))
+    width = 0.8 / len(roles)
+    for i, role in enumerate(roles):
+        means = []
+        for category in categories:
+            chosen = [it["score"] for it in scored if it["model"] == role and it["category"] == category]
+            means.append(sum(chosen) / len(chosen) if chosen else 0.0)
+        ax.bar([c + i * width for c in range(len(categories))], means, width, label=role)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, fontsize=8)
+    ax.set_ylim(0, 10)
+    ax.set_ylabel("mean score (scored items)")
+    ax.set_title("judge_single: mean score per category", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def verdicts_png(items: list[dict[str, Any]], path: Path) -> Path | None:
+    """judge_pairwise: one stacked bar of win / tie / loss / unparseable / failed pairs."""
+    if not items:
+        return None
+    counts = {"win": 0, "tie": 0, "loss": 0, "unparseable": 0, "failed": 0}
+    for it in items:
+        counts[it.get("verdict") or it["status"]] += 1
+    plt = sweep_report._plt()
+    fig, ax = plt.subplots(figsize=(6, 1.9))
+    left = 0
+    colors = {"win": "#2ca02c", "tie": "#bbbbbb", "loss": "#d62728", "unparseable": "#ff7f0e", "failed": "#000000"}
+    for key, value in counts.items():
+        if value:
+            ax.barh([0], [value], left=left, color=colors[key], label=f"{key} {value}")
+            left += value
+    ax.set_yticks([])
+    ax.set_xlabel("question-turn pairs (both orders judged)")
+    ax.set_title(f"judge_pairwise: candidate vs {items[0]['opponent']}", fontsize=10)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.45))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -126,6 +199,11 @@ def markdown(results: dict[str, Any], pictures: list[str]) -> str:
         keys = list(dict.fromkeys(k for r in trials for k in r))
         lines += ["## Every trial's adapter (the one its MLflow run logged)", "",
                   sweep_report.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in trials]), ""]
+    if "judge" in results:
+        lines += ["## The judge", "", judge_line(results["judge"]) + ".", "",
+                  "Means are over scored items only; `unparseable` (no valid rating after the re-asks) and `failed` "
+                  "(no reply) items are counted, never scored. Per-item judgments: `items/judge_*.jsonl`; "
+                  "FastChat files: `fastchat/`.", ""]
     for suite_name, why in results.get("failed", {}).items():
         lines += [f"**Suite {suite_name} failed:** {why}", ""]
     return "\n".join(lines + pictures) + "\n"
@@ -138,8 +216,14 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         metrics_png(suite_name, per_model, out / f"metrics_{suite_name}.png")
         pictures.append(f"![{suite_name} metrics](metrics_{suite_name}.png)")
         items = [it for it in results["items"] if it["suite"] == suite_name]
+        if suite_name == "judge_pairwise":
+            if verdicts_png(items, out / "verdicts_judge_pairwise.png"):
+                pictures.append("![judge_pairwise verdicts](verdicts_judge_pairwise.png)")
+            continue
         if scores_png(suite_name, items, out / f"scores_{suite_name}.png"):
             pictures.append(f"![{suite_name} per-item scores](scores_{suite_name}.png)")
+        if suite_name == "judge_single" and categories_png(items, out / "categories_judge_single.png"):
+            pictures.append("![judge_single per category](categories_judge_single.png)")
     (out / "eval_report.md").write_text(markdown(results, pictures))
     return out
 
@@ -164,9 +248,12 @@ def log_results(config: ExperimentConfig, results: dict[str, Any], reports_dir: 
     })
     run_id = run.info.run_id
     now = 0
-    metrics = [Metric(f"{role}_{suite_name}_{metric}", float(value), now, 0)
+    metrics = [Metric(metric_key(suite_name, role, metric), float(value), now, 0)
                for suite_name, per_model in results["suites"].items()
                for role, values in per_model.items() for metric, value in values.items()]
+    if "judge" in results:
+        metrics += [Metric(f"judge.{key}", float(value), now, 0) for key, value in results["judge"].items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)]
     for trial, info in results.get("trials", {}).items():
         metrics += [Metric(f"trial_{trial}_{suite_name}_{metric}", float(value), now, 0)
                     for suite_name, values in info["suites"].items() for metric, value in values.items()]
@@ -182,6 +269,12 @@ def log_results(config: ExperimentConfig, results: dict[str, Any], reports_dir: 
                 for item in results["items"]:
                     if item["suite"] == suite_name:
                         f.write(json.dumps(item, default=str) + "\n")
+        if "judge" in results:
+            from pipeline.eval.judge import fastchat
+
+            answers = {role: {int(q): turns for q, turns in by_q.items()} for role, by_q in results["answers"].items()}
+            judged = [it for it in results["items"] if it["suite"].startswith("judge_")]
+            fastchat.write(out / "fastchat", results["judge"]["name"], answers, judged)
         for role, harness in results.get("harness", {}).items():
             (out / f"lm_eval_results_{role}.json").write_text(json.dumps(harness, indent=1, default=str))
         write_report(results, out / "report")

@@ -17,12 +17,13 @@ import json
 import logging
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import SUITES_FOR_KIND, ConfigError, ExperimentConfig
+from pipeline.config import JUDGE_SUITES, SUITES_FOR_KIND, ConfigError, ExperimentConfig
 from pipeline.eval import suite as suites
 
 log = logging.getLogger("loraforge")
@@ -71,7 +72,8 @@ def check(config: ExperimentConfig, names: list[str]) -> None:
     except ConfigError as err:
         problems += err.problems
     for name in names:
-        problems += suites.get(name).check(config)
+        if name not in JUDGE_SUITES:
+            problems += suites.get(name).check(config)
     if problems:
         raise ConfigError(problems)
 
@@ -194,48 +196,82 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
     """Score the candidate (`model_ref`, default the config's registered alias), the base and the champion."""
     from pipeline.eval import report
 
+    from pipeline.eval.judge import stage as judge_stage
+
     names = names or suite_names(config, suite_list)
     check(config, names)
     models = models_to_score(config, model_ref, [t for t in trials or [] if t.same_as is None])
     candidate = models[0]
+    judged = [m for m in models if not m.role.startswith("trial:")]  # the judge grades candidate, base, champion
+    judge_names = judge_stage.modes(names)
+    problems = judge_stage.check(config, judge_names, [m.role for m in judged])
+    if problems:
+        raise ConfigError(problems)
     log.info("evaluating %s (version %s) against %s with %s", candidate.ref, candidate.version,
              ", ".join(m.role for m in models[1:]), ", ".join(names))
     from pipeline.run import connect_ray
 
-    connect_ray(config)
     results: dict[str, Any] = {"model_ref": candidate.ref, "model_version": candidate.version,
                                "models": {m.role: {"ref": m.ref, "version": m.version} for m in models},
                                "suites": {}, "items": [], "failed": {}, "timing": {}}
-    for name in names:
-        began = time.perf_counter()
-        try:
-            items = suites.get(name).items(config)
-            outputs = _gather(config, name, models, items)
-            per_model: dict[str, dict[str, float]] = {}
-            for model in models:
-                metrics, scored = suites.get(name).score(config, outputs[model.role])
-                per_model[model.role] = metrics
-                results["items"] += [{"suite": name, "model": model.role, **item} for item in scored]
-                if name == "lm_eval":
-                    results.setdefault("harness", {})[model.role] = outputs[model.role]["harness"]
-        except ConfigError:
-            raise
-        except Exception as err:  # keep what finished; say which suite failed and why
-            log.error("suite %s failed: %s: %s", name, err.__class__.__name__, err)
-            results["failed"][name] = f"{err.__class__.__name__}: {err}"
-            continue
-        wall = time.perf_counter() - began
-        results["suites"][name] = per_model
-        gen = sum(outputs[m.role].get("gen_seconds", 0.0) for m in models)
-        results["timing"][name] = {"wall_seconds": wall, "task_seconds": sum(outputs[m.role]["seconds"] for m in models),
-                                   "generate_seconds": gen,
-                                   "generated_tokens": sum(outputs[m.role].get("gen_tokens", 0) for m in models)}
+    with ExitStack() as stack:
+        # the judge first: an unreachable one exits 2 before any generation
+        judge = stack.enter_context(judge_stage.session(config)) if judge_names else None
+        connect_ray(config)
+        for name in names:
+            if name not in judge_names:
+                _run_suite(config, name, models, results)
+        if judge is not None:
+            began = time.perf_counter()
+            try:
+                out = judge_stage.run(config, judge_names, judge, [m.role for m in judged],
+                                      lambda suite_name, items: _gather(config, suite_name, judged, items))
+            except ConfigError:
+                raise
+            except Exception as err:  # keep the other suites' results; say why the judge did not finish
+                log.error("judge suites failed: %s: %s", err.__class__.__name__, err)
+                for name in judge_names:
+                    results["failed"][name] = f"{err.__class__.__name__}: {err}"
+            else:
+                results["suites"].update(out["suites"])
+                results["items"] += out["items"]
+                results["failed"].update(out["failed"])
+                results["judge"], results["answers"] = out["judge"], out["answers"]
+                for name in judge_names:
+                    results["timing"][name] = {"wall_seconds": time.perf_counter() - began}
     results = _trials_apart(results, trials or [])
     if json_out is not None:
         write_json(results, json_out)
     report.print_table(results)
     run_id = report.log_results(config, results, reports_dir)
     return StageResult(results, dict(results["failed"]), run_id)
+
+
+def _run_suite(config: ExperimentConfig, name: str, models: list[EvalModel], results: dict[str, Any]) -> None:
+    """One benchmark suite over every model, into `results`; a failure is recorded, not raised."""
+    began = time.perf_counter()
+    try:
+        items = suites.get(name).items(config)
+        outputs = _gather(config, name, models, items)
+        per_model: dict[str, dict[str, float]] = {}
+        for model in models:
+            metrics, scored = suites.get(name).score(config, outputs[model.role])
+            per_model[model.role] = metrics
+            results["items"] += [{"suite": name, "model": model.role, **item} for item in scored]
+            if name == "lm_eval":
+                results.setdefault("harness", {})[model.role] = outputs[model.role]["harness"]
+    except ConfigError:
+        raise
+    except Exception as err:  # keep what finished; say which suite failed and why
+        log.error("suite %s failed: %s: %s", name, err.__class__.__name__, err)
+        results["failed"][name] = f"{err.__class__.__name__}: {err}"
+        return
+    results["suites"][name] = per_model
+    gen = sum(outputs[m.role].get("gen_seconds", 0.0) for m in models)
+    results["timing"][name] = {"wall_seconds": time.perf_counter() - began,
+                               "task_seconds": sum(outputs[m.role]["seconds"] for m in models),
+                               "generate_seconds": gen,
+                               "generated_tokens": sum(outputs[m.role].get("gen_tokens", 0) for m in models)}
 
 
 def _trials_apart(results: dict[str, Any], trials: list[EvalModel]) -> dict[str, Any]:
