@@ -393,3 +393,18 @@ def test_the_offline_default_judge_is_transformers_serve_on_loopback(tmp_path: P
     assert items[0]["attempts"][0]["judgment"] and usage.prompt_tokens > 300 and usage.completion_tokens > 0
     with socket.socket() as sock:  # stopped with the stage
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_run_probes_a_remote_judge_before_training(tmp_path: Path, tiny_causal_model: Path, monkeypatch):
+    from pipeline import preflight
+    from tests.conftest import write_yaml
+
+    raw = instruct_config(tmp_path, str(tiny_causal_model), {"base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                                             "api_key_env": "LORAFORGE_UNSET_KEY_VAR"},
+                          ["perplexity", "judge_single"])
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    problems = preflight.check_suites(config)
+    assert problems == ["judge.api_key_env: the environment variable LORAFORGE_UNSET_KEY_VAR is not set; export "
+                        "LORAFORGE_UNSET_KEY_VAR=<key> (the key never goes in the config)"]
+    monkeypatch.setenv("LORAFORGE_UNSET_KEY_VAR", "k")
+    assert preflight.check_suites(config)[0].startswith("judge.base_url: cannot list models at http://127.0.0.1:9/v1")

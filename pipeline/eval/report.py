@@ -95,6 +95,13 @@ def judge_line(judge: dict[str, Any]) -> str:
             f"judging took {judge['judge_seconds']:.1f} s")
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def metrics_png(suite_name: str, per_model: dict[str, dict[str, float]], path: Path) -> Path:
     """Grouped bars: one group per metric, one bar per model."""
     plt = sweep_report._plt()
@@ -107,10 +114,7 @@ def metrics_png(suite_name: str, per_model: dict[str, dict[str, float]], path: P
         ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=8)
     fig.suptitle(f"{suite_name}: metrics per model", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def scores_png(suite_name: str, items: list[dict[str, Any]], path: Path) -> Path | None:
@@ -128,10 +132,7 @@ def scores_png(suite_name: str, items: list[dict[str, Any]], path: Path) -> Path
     ax.set_ylabel("items")
     ax.set_title(f"{suite_name}: per-item scores", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def categories_png(items: list[dict[str, Any]], path: Path) -> Path | None:
@@ -155,10 +156,7 @@ def categories_png(items: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("mean score (scored items)")
     ax.set_title("judge_single: mean score per category", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def verdicts_png(items: list[dict[str, Any]], path: Path) -> Path | None:
@@ -180,10 +178,7 @@ def verdicts_png(items: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_xlabel("question-turn pairs (both orders judged)")
     ax.set_title(f"judge_pairwise: candidate vs {items[0]['opponent']}", fontsize=10)
     ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.45))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def markdown(results: dict[str, Any], pictures: list[str]) -> str:

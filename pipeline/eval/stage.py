@@ -156,8 +156,8 @@ def _shards(items: list[dict[str, Any]], count: int) -> list[list[dict[str, Any]
     return [items[i::count] for i in range(count)]
 
 
-def _gather(config: ExperimentConfig, suite_name: str, models: list[EvalModel], items: list[dict[str, Any]]
-            ) -> dict[str, dict[str, Any]]:
+def _gather(config: ExperimentConfig, suite_name: str, models: list[EvalModel], items: list[dict[str, Any]],
+            label: str | None = None) -> dict[str, dict[str, Any]]:
     """Run `suite_name` for every model as Ray tasks (or in process without Ray); outputs per model role."""
     import ray
     from tqdm import tqdm
@@ -171,7 +171,7 @@ def _gather(config: ExperimentConfig, suite_name: str, models: list[EvalModel], 
     task = ray.remote(num_cpus=train.cpus_per_worker, num_gpus=train.gpus_per_worker, max_retries=0)(run_shard)
     pending = {task.remote(config_dict, suite_name, m.ref, shard, m.role): (m.role, len(shard))
                for m in models for shard in shards}
-    with tqdm(total=len(items) * len(models), desc=f"eval {suite_name}", unit="item") as progress:
+    with tqdm(total=len(items) * len(models), desc=label or f"eval {suite_name}", unit="item") as progress:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             role, size = pending.pop(done[0])
@@ -225,7 +225,8 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
             began = time.perf_counter()
             try:
                 out = judge_stage.run(config, judge_names, judge, [m.role for m in judged],
-                                      lambda suite_name, items: _gather(config, suite_name, judged, items))
+                                      lambda suite_name, items: _gather(config, suite_name, judged, items,
+                                                                               "judge: answers"))
             except ConfigError:
                 raise
             except Exception as err:  # keep the other suites' results; say why the judge did not finish

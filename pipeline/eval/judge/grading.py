@@ -114,7 +114,8 @@ def single(client: JudgeClient, judge_prompts: dict[str, prompts.JudgePrompt], q
     return items
 
 
-def single_metrics(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def scores_per_model(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per model: the counts of each state and the mean over scored items only."""
     out = {}
     for model in dict.fromkeys(it["model"] for it in items):
         mine = [it for it in items if it["model"] == model]
@@ -122,6 +123,13 @@ def single_metrics(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         scores = [it["score"] for it in mine if it["status"] == SCORED]
         if scores:
             out[model]["score_mean"] = statistics.fmean(scores)
+    return out
+
+
+def single_metrics(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out = scores_per_model(items)
+    for model in out:
+        mine = [it for it in items if it["model"] == model]
         weighted = [it["weighted_score"] for it in mine if "weighted_score" in it]
         if weighted:
             out[model]["weighted_score_mean"] = statistics.fmean(weighted)
@@ -229,14 +237,7 @@ def side_by_side(client: JudgeClient, questions: list[Question], answers: dict[s
 
 
 def side_by_side_metrics(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for model in dict.fromkeys(it["model"] for it in items):
-        mine = [it for it in items if it["model"] == model]
-        out[model] = _counts(mine)
-        scores = [it["score"] for it in mine if it["status"] == SCORED]
-        if scores:
-            out[model]["score_mean"] = statistics.fmean(scores)
-    return out
+    return scores_per_model(items)
 
 
 def not_scored_fraction(metrics: dict[str, dict[str, float]]) -> float:
