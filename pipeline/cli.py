@@ -19,6 +19,12 @@ def main() -> None:
     """loraforge: sweep -> train -> track -> register -> evaluate."""
 
 
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai"):  # one line per judge request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def fail_config(error: Exception | str) -> None:
     """Print a config or input problem without a traceback and exit 2."""
     from rich.console import Console
@@ -38,7 +44,7 @@ def run(
     """Run the sweep in CONFIG end to end and register its winner."""
     from pipeline.config import ConfigError, load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = load_config(config_path, overrides or [])
     except ConfigError as err:
@@ -58,6 +64,11 @@ def run(
     typer.echo(f"registered: {result.model_uri} (version {result.model_version}); "
                f"eval {metric} loaded back from the registry: {value:.4f}" if value is not None else
                f"registered: {result.model_uri} (version {result.model_version})")
+    failed = result.evaluation.failed if result.evaluation is not None else {}
+    if failed:
+        typer.echo(f"error: evaluation suites failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}; the "
+                   "adapter is registered and the other suites' results were kept", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -70,7 +81,7 @@ def export(
     """Merge an adapter into a full-precision copy of its base (dequantized NF4 for QLoRA) and save it."""
     from pipeline.config import ConfigError, load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = load_config(config_path)
     except ConfigError as err:
@@ -101,7 +112,7 @@ def eval_command(
     """Score an adapter, the base model without it and the champion with the benchmark suites."""
     from pipeline.config import ConfigError, load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = load_config(config_path, overrides or [])
         from pipeline import preflight

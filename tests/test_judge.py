@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -315,6 +317,20 @@ def test_loraforge_eval_judges_every_mode_and_the_key_reaches_nothing(tmp_path: 
     pair_rows = [json.loads(line) for line in (single_file.parent / "gpt-4o-fake_pair.jsonl").read_text().splitlines()]
     assert {r["g1_winner"] for r in pair_rows} <= {"model_1", "model_2", "tie"}
     assert (artifacts / "fastchat/model_answer/candidate.jsonl").is_file()
+    # FastChat's own show_result.py reads them to the same means and rates
+    shown = subprocess.run([sys.executable, "-m", "fastchat.llm_judge.show_result", "--mode", "single",
+                            "--input-file", str(single_file)], capture_output=True, text=True, check=True).stdout
+    average = shown.split("Average")[1]
+    for role in ("candidate", "base"):
+        mean = results["suites"]["judge_single"][role]["score_mean"]
+        line = next(line for line in average.splitlines() if line.startswith(role))
+        assert float(line.split()[1]) == pytest.approx(mean, abs=1e-5), shown
+    shown = subprocess.run([sys.executable, "-m", "fastchat.llm_judge.show_result", "--mode", "pairwise-all",
+                            "--input-file", str(single_file.parent / "gpt-4o-fake_pair.jsonl")],
+                           capture_output=True, text=True, check=True).stdout
+    line = next(line for line in shown.splitlines() if line.startswith("candidate"))
+    assert float(line.split()[-1]) == pytest.approx(
+        results["suites"]["judge_pairwise"]["candidate"]["win_rate_adjusted"], abs=1e-5), shown
     assert "Assistant" in (artifacts / "items/judge_single.jsonl").read_text()  # the full judge text
     for picture in ("scores_judge_single.png", "categories_judge_single.png", "verdicts_judge_pairwise.png"):
         assert (tmp_path / "reports" / picture).stat().st_size > 1000

@@ -119,7 +119,7 @@ def run(config: ExperimentConfig, names: list[str], judge: Session, roles: list[
         total = {"judge_single": sum(len(q.turns) for q in questions) * len(roles),
                  "judge_pairwise": 2 * sum(len(q.turns) for q in questions),
                  "judge_side_by_side": len(questions)}[mode]
-        with tqdm(total=total, desc=f"judge {mode.removeprefix('judge_')}", unit="request") as progress:
+        with tqdm(total=total, desc=f"judge {mode.removeprefix('judge_')}", unit="judgment") as progress:
             if mode == "judge_single":
                 mode_items = grading.single(judge.client, judge_prompts, questions, answers, references, progress)
                 metrics = grading.single_metrics(mode_items)
