@@ -4,9 +4,10 @@ Each question has two turns; turn 2 is asked in the same conversation, after tur
 model's own answer to it. Decoding follows FastChat's temperature per category (writing and
 roleplay 0.7; extraction, math, coding, reasoning greedy; stem and humanities 0.1), seeded; a
 temperature or do_sample set explicitly in `eval.mt_bench.generation` (else `eval.generation`)
-wins. The judge suites get their answers from here too (`answer_items`). Prompts go through the tokenizer's chat template (a tokenizer without
-one gets the task's instruction prompt per turn, the turns concatenated). The answers are the
-items a judge grades (the evaluation stage, part 2); this suite's own metrics only count them.
+wins. The judge suites get their answers from here too (`answer_items`). Prompts go through the
+tokenizer's chat template (a tokenizer without one gets the task's instruction prompt per turn,
+the turns concatenated). This suite's own metrics only count the answers; the judge suites
+grade them.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -71,12 +71,15 @@ def session(config: ExperimentConfig) -> Iterator[Session]:
     """The judge ready to take requests: the local server up, or the remote one answering with the model listed."""
     spec = config.judge
     try:
-        if spec.base_url is None:
-            with local_judge(spec) as endpoint:
-                yield _connect(config, endpoint)
-        else:
-            assert spec.model is not None
-            yield _connect(config, Endpoint(spec.base_url, spec.model, spec.model))
+        with ExitStack() as stack:
+            if spec.base_url is None:
+                endpoint = stack.enter_context(local_judge(spec))
+            else:
+                assert spec.model is not None
+                endpoint = Endpoint(spec.base_url, spec.model, spec.model)
+            judge = _connect(config, endpoint)
+            stack.callback(judge.client.cache.close)
+            yield judge
     except JudgeUnavailable as err:
         raise ConfigError([str(err)]) from None
 
