@@ -133,11 +133,11 @@ def single_metrics(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         weighted = [it["weighted_score"] for it in mine if "weighted_score" in it]
         if weighted:
             out[model]["weighted_score_mean"] = statistics.fmean(weighted)
-        for key, group in (("turn", "turn"), ("category", "category")):
+        for group in ("turn", "category"):
             for value in sorted({it[group] for it in mine if it[group] != ""}, key=str):
                 chosen = [it["score"] for it in mine if it[group] == value and it["status"] == SCORED]
                 if chosen:
-                    name = f"score_mean_turn{value}" if key == "turn" else f"score_mean_{metric_name(str(value))}"
+                    name = f"score_mean_turn{value}" if group == "turn" else f"score_mean_{metric_name(str(value))}"
                     out[model][name] = statistics.fmean(chosen)
     return out
 

@@ -9,7 +9,6 @@ grades them in each mode and returns results shaped like the other suites', plus
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any, Callable, Iterator
 from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
 from pipeline.eval.judge import grading, inputs
 from pipeline.eval.judge.cache import ReplyCache
-from pipeline.eval.judge.client import JudgeClient, JudgeUnavailable
+from pipeline.eval.judge.client import JudgeClient, JudgeUnavailable, api_key
 from pipeline.eval.judge.server import Endpoint, local_judge
 
 log = logging.getLogger("loraforge")
@@ -36,9 +35,10 @@ def check(config: ExperimentConfig, names: list[str], roles: list[str] | None = 
         return []
     spec = config.judge
     problems = inputs.check(spec, names)
-    if spec.api_key_env is not None and not os.environ.get(spec.api_key_env):
-        problems.append(f"judge.api_key_env: the environment variable {spec.api_key_env} is not set; export "
-                        f"{spec.api_key_env}=<key> (the key never goes in the config)")
+    try:
+        api_key(spec)
+    except JudgeUnavailable as err:
+        problems.append(str(err))
     if roles is not None:
         wanted = []
         if "judge_pairwise" in names:
