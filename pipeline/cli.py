@@ -171,6 +171,65 @@ def similarity(
     typer.echo(f"heatmap of {name.removeprefix('base_model.model.')} written to {out}")
 
 
+@app.command()
+def promote(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The experiment YAML (tracking URI, registered "
+                                                "model and registry.promotion.gate).")],
+    from_alias: Annotated[Optional[str], typer.Option("--from", help="Alias to promote (default: registry.promotion.from_alias).")] = None,
+    to_alias: Annotated[Optional[str], typer.Option("--to", help="Alias to move (default: registry.promotion.to_alias).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate fails (needs --reason).")] = False,
+    reason: Annotated[Optional[str], typer.Option("--reason", help="Why: recorded with --force or --rollback.")] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Point the alias back at the champion before.")] = False,
+) -> None:
+    """Move `champion` to the candidate when it passes the eval gate; exit 1 when it does not."""
+    from pipeline.config import ConfigError, load_config
+
+    setup_logging()
+    try:
+        config = load_config(config_path)
+        promotion = config.registry.promotion.model_copy(update={
+            k: v for k, v in (("from_alias", from_alias), ("to_alias", to_alias)) if v is not None})
+        config = config.model_copy(update={"registry": config.registry.model_copy(update={"promotion": promotion})})
+        from pipeline.registry import promotion as promoting
+        from pipeline.run import set_env_defaults
+
+        set_env_defaults()
+        if rollback:
+            decision = promoting.rollback(config, reason)
+        else:
+            decision = promoting.promote(config, force=force, reason=reason)
+    except ConfigError as err:
+        fail_config(err)
+    promoting.print_decision(decision, promotion.to_alias)
+    if not decision.promoted:
+        raise typer.Exit(1)
+
+
+TrackingOption = Annotated[str, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI.")]
+
+
+@app.command()
+def models(
+    name: Annotated[Optional[str], typer.Argument(help="A registered model (default: all).")] = None,
+    tracking_uri: TrackingOption = "sqlite:///mlruns.db",
+) -> None:
+    """Registered versions: aliases, eval metrics, base, LoRA settings, promotion and created time."""
+    from pipeline.registry import tables
+
+    tables.print_rows(tables.model_rows(tracking_uri, name), tables.title("registered models", tracking_uri))
+
+
+@app.command()
+def runs(
+    experiment: Annotated[Optional[str], typer.Argument(help="An experiment (default: all).")] = None,
+    tracking_uri: TrackingOption = "sqlite:///mlruns.db",
+) -> None:
+    """Sweeps: trials, best metric, status, registered version and start time."""
+    from pipeline.registry import tables
+
+    tables.print_rows(tables.run_rows(tracking_uri, experiment), tables.title("sweeps", tracking_uri))
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Third-party datasets and reference files: fetch and check them.")
 app.add_typer(data_app, name="data")
 

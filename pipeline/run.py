@@ -93,7 +93,8 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
 
     trial_configs = sweep.candidate_configs(config)
     data_summary = preflight.check(config, trial_configs)
-    experiment_id = tracking.preflight(config.tracking.tracking_uri, config.tracking.experiment_name)
+    experiment_id = tracking.preflight(config.tracking.tracking_uri, config.tracking.experiment_name,
+                                       config.tracking.registered_model_name)
     started_local = connect_ray(config)
     concurrency = sweep.plan_concurrency(trial_configs, sweep.cluster_resources(), config.sweep.max_concurrent_trials)
     trial_count = config.sweep.trial_count()
@@ -110,13 +111,14 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
         warmpool.activate(max(c.train.num_workers for c in trial_configs), trial_count, concurrency)
 
     mlflow_client = tracking.client(config.tracking.tracking_uri)
+    lineage = run_lineage(config, data_summary)
     if parent_run_id is None:
-        parent_run_id = tracking.start_parent_run(mlflow_client, experiment_id, config, trial_count)
+        parent_run_id = tracking.start_parent_run(mlflow_client, experiment_id, config, trial_count, lineage)
     else:
         mlflow_client.update_run(parent_run_id, status="RUNNING")
     try:
         result = _run_stages(config, mlflow_client, experiment_id, parent_run_id, data_summary, concurrency,
-                             reports_dir, resume_dir)
+                             reports_dir, resume_dir, lineage)
     except BaseException:
         mlflow_client.set_terminated(parent_run_id, status="FAILED")
         raise
@@ -128,19 +130,15 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
 
 def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str, parent_run_id: str,
                 data_summary: preflight.DataSummary, concurrency: int, reports_dir: Path | None,
-                resume_dir: Path | None = None) -> PipelineResult:
+                resume_dir: Path | None = None, lineage: dict[str, Any] | None = None) -> PipelineResult:
     sweep_result = sweep.run_sweep(
         config, experiment_id=experiment_id, parent_run_id=parent_run_id,
-        num_train_examples=data_summary.train_rows, concurrency=concurrency, resume_dir=resume_dir,
+        num_train_examples=data_summary.train_rows, concurrency=concurrency, resume_dir=resume_dir, lineage=lineage,
     )
     best = sweep_result.best
     metric = config.sweep.metric
     model_name, alias = config.tracking.registered_model_name, config.tracking.alias
-    version = tracking.register_adapter(
-        mlflow_client, model_name, best.run_id, alias,
-        tags={"loraforge.experiment": config.name, "loraforge.sweep_run_id": parent_run_id,
-              "loraforge.trial": best.trial_name, metric: f"{best.best_metric:.6f}"},
-    )
+    version = register_winner(config, mlflow_client, parent_run_id, best, lineage or run_lineage(config, data_summary))
     model_uri = f"models:/{model_name}@{alias}"
 
     # evaluate what the registry serves, not what is in memory
@@ -163,6 +161,36 @@ def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str
         mlflow_client.set_tag(parent_run_id, "loraforge.eval_run_id", evaluation.run_id)
     return PipelineResult(sweep_result, parent_run_id, model_name, str(version.version), model_uri, eval_metrics, rows,
                           evaluation)
+
+
+def run_lineage(config: ExperimentConfig, data_summary: preflight.DataSummary) -> dict[str, Any]:
+    """Tags and dataset inputs every run of this sweep records (computed once, here in the driver)."""
+    from pipeline.registry import lineage
+
+    base = lineage.base_identity(config.model.name_or_path)
+    return {"base": base, "tags": lineage.run_tags(base),
+            "datasets": lineage.datasets(config, data_summary.train_rows, data_summary.eval_rows)}
+
+
+def register_winner(config: ExperimentConfig, mlflow_client: Any, parent_run_id: str, best: sweep.TrialSummary,
+                    records: dict[str, Any]) -> Any:
+    """Log the winning trial's adapter as an MLflow Model on its run and register it with its lineage."""
+    from pipeline import data
+    from pipeline.registry import lineage, mlflow_model
+
+    trial_config = config.trial_config(best.sampled)
+    base = records["base"]
+    uri = config.tracking.tracking_uri
+    with tempfile.TemporaryDirectory(prefix="loraforge-register-") as tmp:
+        adapter = tracking.fetch_adapter(f"runs:/{best.run_id}/{tracking.ADAPTER_ARTIFACT}", uri, Path(tmp))
+        info = mlflow_model.log_model(trial_config, best.run_id, adapter, base,
+                                      data.load_split(config.data, "eval", config.train.seed)[:2], uri)
+    tags = lineage.version_tags(trial_config, base, records["datasets"], sweep_run_id=parent_run_id, trial_id=best.trial_id,
+                                trial_run_id=best.run_id)
+    tags.update({"loraforge.trial": best.trial_name, config.sweep.metric: f"{best.best_metric:.6f}"})
+    return mlflow_model.register(mlflow_client, config.tracking.registered_model_name, info, best.run_id,
+                                 config.tracking.alias, tags,
+                                 mlflow_model.describe(trial_config, base, config.sweep.metric, best.best_metric))
 
 
 def _benchmark_stage(config: ExperimentConfig, sweep_result: sweep.SweepResult, model_name: str, version: str,

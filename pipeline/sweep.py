@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
-from pipeline import adapters, data, tracking, warmpool
+from pipeline import adapters, data, redact, tracking, warmpool
 from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
 
 # The trial's own actor only builds a trainer and waits; it gets no CPU so that all
@@ -179,7 +179,8 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
 
     # the trial's MLflow run is found or created by the rank-0 worker, whose process has MLflow loaded
     trial = {"experiment_id": setup["experiment_id"], "parent_run_id": setup["parent_run_id"],
-             "trial_id": trial_id, "trial_name": trial_name, "sampled": sampled, "started": trial_started}
+             "trial_id": trial_id, "trial_name": trial_name, "sampled": sampled, "started": trial_started,
+             "lineage": setup.get("lineage")}
     # names come from the trial id (and its PBT generation) so a restored sweep finds the same Train run
     run_dir, pbt_start = train_run_dir(Path(setup["train_storage_path"]), trial_id)
     if pbt_start is not None:
@@ -385,7 +386,7 @@ def make_pbt(sweep: Any, train_storage_path: Path) -> Any:
 
 
 def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str,
-                   train_storage_path: Path) -> Any:
+                   train_storage_path: Path, lineage: dict[str, Any] | None = None) -> Any:
     from ray.train import Checkpoint
     from ray.tune import Callback
 
@@ -451,10 +452,11 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                     summary.status = "DONE" if trained_all else "STOPPED"
             # normally the trial's rank-0 worker created the run; a trial that failed before that gets one here
             summary.run_id = tracking.trial_run(mlflow_client, experiment_id, parent_run_id, trial.trial_id,
-                                                summary.trial_name, config.trial_config(summary.sampled), summary.sampled)
+                                                summary.trial_name, config.trial_config(summary.sampled), summary.sampled,
+                                                lineage)
             mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
             if error:
-                mlflow_client.set_tag(summary.run_id, "loraforge.error", error[:5000])
+                mlflow_client.set_tag(summary.run_id, "loraforge.error", redact.redact_text(error)[-5000:])
             attach = bool(summary.best_checkpoint) and status != "FAILED"
             if attach and not _complete(Path(summary.best_checkpoint)):
                 # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
@@ -591,7 +593,7 @@ def _summary_from_tracking(config: ExperimentConfig, experiment_id: str, parent_
 
 def run_sweep(
     config: ExperimentConfig, *, experiment_id: str, parent_run_id: str, num_train_examples: int, concurrency: int,
-    resume_dir: Path | None = None,
+    resume_dir: Path | None = None, lineage: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Run every trial of the sweep under Tune and return their summaries, best first by the metric.
 
@@ -615,13 +617,14 @@ def run_sweep(
     train_storage_path = storage_path / run_name / "train"
     scheduler = make_scheduler(sweep, max_t, train_storage_path)
     write_run_state(storage_path / run_name, experiment_id, parent_run_id, config)
-    callback = _make_callback(config, experiment_id, parent_run_id, train_storage_path)
+    callback = _make_callback(config, experiment_id, parent_run_id, train_storage_path, lineage)
     setup = {
         "experiment": config.model_dump(mode="json"),
         "experiment_id": experiment_id,
         "parent_run_id": parent_run_id,
         "train_storage_path": str(train_storage_path),
         "warm_pool": warmpool.current() is not None,
+        "lineage": lineage,
     }
     param_space = {_key(path): tune_domain(domain, sweep.searcher) for path, domain in sweep.parameters.items()}
     num_samples = sweep.num_samples

@@ -10,13 +10,13 @@ never at import: Ray actors are separate processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from pipeline import redact
 from pipeline.config import ConfigError, ExperimentConfig
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -24,6 +24,7 @@ TRIAL_TAG = "loraforge.trial_id"
 RUN_NAME_TAG = "mlflow.runName"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "loraforge.json")
 ADAPTER_ARTIFACT = "adapter"
+CONFIG_ARTIFACT = "config.yaml"  # the resolved config, secrets masked
 
 
 def client(tracking_uri: str) -> Any:
@@ -34,6 +35,36 @@ def client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+@contextlib.contextmanager
+def process_uri(tracking_uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """MLflow's process-wide tracking/registry URI (and experiment) set for a block: its fluent APIs read them.
+
+    Afterwards the process is as before: `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into the
+    environment, which later config loads would take as an override.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID",
+                                                "MLFLOW_EXPERIMENT_NAME")}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    if experiment_id is not None:
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def artifact_location(tracking_uri: str) -> str | None:
     """Artifacts next to a SQLite store (absolute), so every process writes to the same place."""
     if tracking_uri.startswith("sqlite:///"):
@@ -42,28 +73,19 @@ def artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def preflight(tracking_uri: str, experiment_name: str) -> str:
-    """Reach the store, get or create the experiment, return its id; ConfigError if unusable.
+def preflight(tracking_uri: str, experiment_name: str, model_name: str | None = None) -> str:
+    """Reach the store, check the user may write the experiment and model, get or create the experiment
+    and return its id; ConfigError naming the problem if it is unusable.
 
-    HTTP servers are probed with one short request first: MLflow's own client
-    retries for minutes before it gives up.
+    HTTP servers are probed with short requests first (`pipeline.tracking_server`): MLflow's
+    own client retries for minutes before it gives up.
     """
+    user = None
     if tracking_uri.startswith(("http://", "https://")):
-        probe = tracking_uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(probe, timeout=5) as response:  # noqa: S310 (user-given URI)
-                response.read(16)
-        except urllib.error.HTTPError as err:
-            if err.code in (401, 403):
-                raise ConfigError([
-                    f"tracking.tracking_uri: {tracking_uri} answered {err.code}; set MLFLOW_TRACKING_USERNAME/"
-                    "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
-                ]) from None
-        except (urllib.error.URLError, OSError) as err:
-            raise ConfigError([
-                f"tracking.tracking_uri: MLflow tracking URI unreachable: {tracking_uri} ({getattr(err, 'reason', err)}); "
-                "start the server or fix the URI (MLFLOW_TRACKING_URI overrides the config)"
-            ]) from None
+        from pipeline import tracking_server
+
+        tracking_server.check_reachable(tracking_uri)
+        user = tracking_server.current_user(tracking_uri)
     elif tracking_uri.startswith("sqlite:///"):
         db_dir = Path(tracking_uri[len("sqlite:///"):]).parent
         if not db_dir.is_dir():
@@ -71,11 +93,17 @@ def preflight(tracking_uri: str, experiment_name: str) -> str:
         if not os.access(db_dir, os.W_OK):
             raise ConfigError([f"tracking.tracking_uri: folder {str(db_dir)!r} is not writable"])
     try:
-        return ensure_experiment(client(tracking_uri), experiment_name, tracking_uri)
+        mlflow_client = client(tracking_uri)
+        if user is not None:
+            from pipeline import tracking_server
+
+            if problems := tracking_server.check_permissions(mlflow_client, user, experiment_name, model_name):
+                raise ConfigError(problems)
+        return ensure_experiment(mlflow_client, experiment_name, tracking_uri)
     except ConfigError:
         raise
     except Exception as err:  # any store error means nothing can be tracked: stop before training
-        raise ConfigError([f"tracking.tracking_uri: cannot use MLflow store {tracking_uri}: {err}"]) from None
+        raise ConfigError([f"tracking.tracking_uri: cannot use MLflow store {tracking_uri}: {redact.redact_text(str(err))}"]) from None
 
 
 def ensure_experiment(mlflow_client: Any, name: str, tracking_uri: str) -> str:
@@ -103,24 +131,48 @@ def flat_params(config: ExperimentConfig) -> dict[str, str]:
         else:
             flat[prefix] = str(node)[:6000]
 
-    walk(config.model_dump(mode="json", exclude={"sweep"}), "")
+    walk(redact.redact(config.model_dump(mode="json", exclude={"sweep"})), "")
     return flat
 
 
 def log_params(mlflow_client: Any, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(key, str(value)) for key, value in params.items()]
+    secrets = redact.secret_values()
+    items = [Param(key, str(redact.redact(str(value), key, secrets))) for key, value in params.items()]
     for start in range(0, len(items), 100):  # MLflow's batch limit is 100 params
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
 
-def start_parent_run(mlflow_client: Any, experiment_id: str, config: ExperimentConfig, trial_count: int) -> str:
+def set_tags(mlflow_client: Any, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in redact.redact(tags).items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, tags=items[start:start + 100])
+
+
+def record_lineage(mlflow_client: Any, run_id: str, config: ExperimentConfig, lineage: dict[str, Any] | None) -> None:
+    """What a run was made from: the resolved config (YAML artifact), its datasets as inputs, code and base tags."""
+    import yaml
+
+    mlflow_client.log_text(run_id, yaml.safe_dump(redact.redact(config.model_dump(mode="json")), sort_keys=False),
+                           CONFIG_ARTIFACT)
+    if lineage:
+        from pipeline.registry import lineage as lineage_records
+
+        set_tags(mlflow_client, run_id, lineage["tags"])
+        lineage_records.log_datasets(mlflow_client, run_id, lineage["datasets"])
+
+
+def start_parent_run(mlflow_client: Any, experiment_id: str, config: ExperimentConfig, trial_count: int,
+                     lineage: dict[str, Any] | None = None) -> str:
     run = mlflow_client.create_run(
         experiment_id,
         run_name=config.name,
         tags={"loraforge.kind": "sweep", "loraforge.searcher": config.sweep.searcher},
     )
+    record_lineage(mlflow_client, run.info.run_id, config, lineage)
     params = flat_params(config)
     params.update({
         "sweep.searcher": config.sweep.searcher,
@@ -142,6 +194,7 @@ def start_trial_run(
     trial_name: str,
     config: ExperimentConfig,
     sampled: dict[str, Any],
+    lineage: dict[str, Any] | None = None,
 ) -> str:
     """A nested run for one trial; params are the trial's full config plus what the sweep sampled."""
     run = mlflow_client.create_run(
@@ -149,6 +202,7 @@ def start_trial_run(
         run_name=trial_name,
         tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "loraforge.kind": "trial"},
     )
+    record_lineage(mlflow_client, run.info.run_id, config, lineage)
     params = flat_params(config)
     params.update({f"sampled.{k}": "+".join(map(str, v)) if isinstance(v, list) else v for k, v in sampled.items()})
     log_params(mlflow_client, run.info.run_id, params)
@@ -178,6 +232,20 @@ class MetricBuffer:
         self.pending = []
 
 
+def start_system_metrics(config: ExperimentConfig, run_id: str, resume: bool = False) -> Any:
+    """MLflow's own sampler (psutil: CPU, RAM, disk, network; GPU via nvidia-ml-py when there is one) on the
+    trial's run, from its rank-0 worker; it logs directly, so a gap while the server is down is expected."""
+    interval = config.tracking.system_metrics_interval_s
+    if not interval:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resume,
+                                   tracking_uri=config.tracking.tracking_uri)
+    monitor.start()
+    return monitor
+
+
 def find_trial_run(mlflow_client: Any, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
     runs = mlflow_client.search_runs(
         [experiment_id],
@@ -188,12 +256,12 @@ def find_trial_run(mlflow_client: Any, experiment_id: str, parent_run_id: str, t
 
 
 def trial_run(mlflow_client: Any, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
-              config: ExperimentConfig, sampled: dict[str, Any]) -> str:
+              config: ExperimentConfig, sampled: dict[str, Any], lineage: dict[str, Any] | None = None) -> str:
     """The trial's nested run, created on first use: a restarted worker group, a PBT generation
     and a `--resume`d sweep find the run the trial started in."""
     if (run_id := find_trial_run(mlflow_client, experiment_id, parent_run_id, trial_id)) is not None:
         return run_id
-    return start_trial_run(mlflow_client, experiment_id, parent_run_id, trial_id, trial_name, config, sampled)
+    return start_trial_run(mlflow_client, experiment_id, parent_run_id, trial_id, trial_name, config, sampled, lineage)
 
 
 def finish_trial_run(mlflow_client: Any, run_id: str, status: str, adapter_dir: Path | None, summary: dict[str, float]) -> None:
@@ -210,36 +278,24 @@ def finish_trial_run(mlflow_client: Any, run_id: str, status: str, adapter_dir: 
     mlflow_client.set_terminated(run_id, status=status)
 
 
-def register_adapter(mlflow_client: Any, model_name: str, run_id: str, alias: str, tags: dict[str, str]) -> Any:
-    """Register the run's adapter folder as a new model version and point `alias` at it."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow_client.create_registered_model(model_name, description="LoRA adapters found by loraforge sweeps")
-    except MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-            raise
-    version = mlflow_client.create_model_version(
-        model_name, source=f"runs:/{run_id}/{ADAPTER_ARTIFACT}", run_id=run_id, tags=tags
-    )
-    mlflow_client.set_registered_model_alias(model_name, alias, version.version)
-    return version
-
-
 def download_registered(tracking_uri: str, model_name: str, alias: str, dst_dir: Path) -> Path:
-    """Fetch the files of `models:/<name>@<alias>` into `dst_dir`: the registry resolves the alias
+    """Fetch `models:/<name>@<alias>` into `dst_dir` (its PEFT folder): the registry resolves the alias
     to a version and the version to its artifact location."""
     version = client(tracking_uri).get_model_version_by_alias(model_name, alias)
     return download_version(tracking_uri, model_name, version.version, dst_dir)
 
 
 def download_version(tracking_uri: str, model_name: str, version: str, dst_dir: Path) -> Path:
-    """Fetch the files of one registered model version into `dst_dir`."""
+    """Fetch one registered model version into `dst_dir`; returns its PEFT folder."""
     import mlflow.artifacts
+
+    from pipeline.registry import mlflow_model
 
     source = client(tracking_uri).get_model_version_download_uri(model_name, version)
     dst_dir.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=tracking_uri))
+    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=tracking_uri)
+    # an MLflow Model (MLmodel + artifacts/adapter/) or, registered before that, the bare PEFT folder
+    return mlflow_model.adapter_dir(Path(downloaded))
 
 
 def fetch_adapter(ref: str, tracking_uri: str, dst_dir: Path) -> Path:

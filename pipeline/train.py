@@ -203,12 +203,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         for _ in range(step):
             scheduler.step()
 
-    metric_buffer = None
+    metric_buffer, system_metrics = None, None
     if rank == 0 and (trial := loop_config.get("trial")):
         mlflow_client = tracking.client(config.tracking.tracking_uri)
         run_id = tracking.trial_run(mlflow_client, trial["experiment_id"], trial["parent_run_id"], trial["trial_id"],
-                                    trial["trial_name"], config, trial["sampled"])
+                                    trial["trial_name"], config, trial["sampled"], trial.get("lineage"))
         metric_buffer = tracking.MetricBuffer(mlflow_client, run_id)
+        system_metrics = tracking.start_system_metrics(config, run_id, resume=resume_dir is not None)
         if resume_dir is None:
             tracking.log_params(mlflow_client, run_id, {
                 "trainable_params": adapters.trainable_parameters(peft_model), "peft_trainable_params": trainable,
@@ -307,3 +308,5 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         progress.close()
     if metric_buffer is not None:
         metric_buffer.flush()
+    if system_metrics is not None:
+        system_metrics.finish()

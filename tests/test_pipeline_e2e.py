@@ -88,12 +88,11 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    mlflow.set_registry_uri(config.tracking.tracking_uri)
-    try:
-        adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path / "dl"),
-                                                               tracking_uri=config.tracking.tracking_uri))
-    finally:
-        mlflow.set_registry_uri(None)
+    # the version is an MLflow Model; its PEFT folder is at the documented subpath
+    with tracking.process_uri(config.tracking.tracking_uri):  # what mlflow.set_tracking_uri(uri) does for a user
+        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path / "dl")))
+    adapter_dir = model_dir / "artifacts" / "adapter"
+    assert (model_dir / "MLmodel").is_file()
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
     base = AutoModelForSequenceClassification.from_pretrained(config.model.path, num_labels=2)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()

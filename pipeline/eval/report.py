@@ -227,6 +227,9 @@ def log_results(config: ExperimentConfig, results: dict[str, Any], reports_dir: 
     """An MLflow evaluation run with the metrics, per-item tables and the report; tags on the model version."""
     from mlflow.entities import Metric
 
+    from pipeline import redact
+
+    results = redact.redact(results)  # the judge's URL and any error text may carry credentials
     uri = config.tracking.tracking_uri
     mlflow_client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(mlflow_client, config.tracking.experiment_name, uri)
@@ -282,6 +285,8 @@ def log_results(config: ExperimentConfig, results: dict[str, Any], reports_dir: 
         for suite_name, per_model in results["suites"].items():
             for metric, value in per_model.get("candidate", {}).items():
                 mlflow_client.set_model_version_tag(name, version, f"eval.{suite_name}.{metric}", f"{value:.6f}")
+        if "judge" in results:
+            mlflow_client.set_model_version_tag(name, version, "eval.judge.summary", judge_line(results["judge"])[:5000])
         mlflow_client.set_model_version_tag(name, version, "loraforge.eval_run_id", run_id)
     mlflow_client.set_terminated(run_id, status="FAILED" if results["failed"] else "FINISHED")
     return run_id

@@ -29,7 +29,6 @@ from pipeline.eval import suite as suites
 log = logging.getLogger("loraforge")
 
 SCHEMA_FILE = Path(__file__).parent / "results.schema.json"
-CHAMPION_ALIAS = "champion"
 
 
 @dataclass
@@ -107,7 +106,7 @@ def models_to_score(config: ExperimentConfig, model_ref: str | None, trials: lis
                            "first (loraforge run) or pass --model models:/name/N, runs:/ID/adapter or a folder"]) from None
     models = [EvalModel("candidate", pinned, version), EvalModel("base", None)]
     try:
-        champion = tracking.client(tracking_uri).get_model_version_by_alias(name, CHAMPION_ALIAS)
+        champion = tracking.client(tracking_uri).get_model_version_by_alias(name, config.registry.promotion.to_alias)
     except Exception:  # no champion yet
         champion = None
     if champion is not None and str(champion.version) != version:
