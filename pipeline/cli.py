@@ -230,6 +230,31 @@ def runs(
     tables.print_rows(tables.run_rows(tracking_uri, experiment), tables.title("sweeps", tracking_uri))
 
 
+mlflow_app = typer.Typer(no_args_is_help=True, help="The MLflow side: writes queued while the server was away.")
+app.add_typer(mlflow_app, name="mlflow")
+
+
+@mlflow_app.command("sync")
+def mlflow_sync(
+    outbox_dir: Annotated[Path, typer.Argument(metavar="OUTBOX_DIR", help="The folder a run printed (default location: "
+                                               "<ray.storage_path>/mlflow_outbox).")],
+    tracking_uri: Annotated[str, typer.Option(envvar="MLFLOW_TRACKING_URI", help="The MLflow server to send them to.")],
+) -> None:
+    """Send the metrics, params, tags, artifacts and run states a run queued while the server was unreachable."""
+    from pipeline import outbox, redact, tracking
+
+    setup_logging()
+    if not outbox_dir.is_dir():
+        fail_config(f"OUTBOX_DIR: {outbox_dir} is not a folder")
+    box = outbox.Outbox(outbox_dir)
+    sent, left = box.drain(tracking.raw_client(tracking_uri))
+    typer.echo(f"sent {sent} queued writes to {redact.redact_text(tracking_uri)}; {left} left")
+    if left:
+        typer.echo(f"error: {redact.redact_text(tracking_uri)} is still unreachable; run this again when it is back",
+                   err=True)
+        raise typer.Exit(1)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Third-party datasets and reference files: fetch and check them.")
 app.add_typer(data_app, name="data")
 

@@ -518,6 +518,12 @@ class TrackingSpec(StrictModel):
     system_metrics_interval_s: float = Field(10.0, ge=0, description=(
         "Seconds between samples of each trial's CPU, RAM, disk, network (and GPU) as MLflow system "
         "metrics (`system/...`); 0: off."))
+    outbox_dir: Path | None = Field(None, description=(
+        "HTTP servers: where MLflow writes wait while the server is unreachable (default: "
+        "<ray.storage_path>/mlflow_outbox; on a cluster, storage every node can write)."))
+    outbox_wait_s: float = Field(120.0, ge=0, description=(
+        "After the sweep, how long to wait for an unreachable server to take the queued writes before "
+        "giving up (they stay in the outbox for `loraforge mlflow sync`)."))
 
     @field_validator("registered_model_name", "experiment_name")
     @classmethod
@@ -980,6 +986,8 @@ def _absolutize(config: ExperimentConfig, env: Mapping[str, str]) -> ExperimentC
     if judge.cache_dir is not None:
         judge.cache_dir = judge.cache_dir.expanduser().resolve()
     config.ray.storage_path = config.ray.storage_path.expanduser().resolve()
+    if config.tracking.outbox_dir is not None:
+        config.tracking.outbox_dir = config.tracking.outbox_dir.expanduser().resolve()
     uri = config.tracking.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         config.tracking.tracking_uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import evaluate, preflight, report, sweep, tracking, warmpool
+from pipeline import evaluate, outbox, preflight, report, sweep, tracking, warmpool
 from pipeline.config import ExperimentConfig
 
 log = logging.getLogger("loraforge")
@@ -30,6 +30,11 @@ _RAY_ENV_DEFAULTS = {
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # a tracking server that went away: fail a write in seconds (it waits in the outbox) instead of
+    # MLflow's default of about four minutes of retries
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 
@@ -61,7 +66,7 @@ def connect_ray(config: ExperimentConfig) -> bool:
     if ray.is_initialized():
         return False
     if config.ray.address:
-        env_vars = {k: os.environ[k] for k in _RAY_ENV_DEFAULTS if k in os.environ}
+        env_vars = {k: os.environ[k] for k in (*_RAY_ENV_DEFAULTS, outbox.ENV_VAR) if k in os.environ}
         ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return False
     # one machine has no spot preemption to watch; the watcher is one more process per trial
@@ -95,6 +100,9 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     data_summary = preflight.check(config, trial_configs)
     experiment_id = tracking.preflight(config.tracking.tracking_uri, config.tracking.experiment_name,
                                        config.tracking.registered_model_name)
+    if config.tracking.tracking_uri.startswith(("http://", "https://")):
+        # set before Ray starts: every trial worker inherits it (pipeline.outbox)
+        os.environ[outbox.ENV_VAR] = str(config.tracking.outbox_dir or config.ray.storage_path / "mlflow_outbox")
     started_local = connect_ray(config)
     concurrency = sweep.plan_concurrency(trial_configs, sweep.cluster_resources(), config.sweep.max_concurrent_trials)
     trial_count = config.sweep.trial_count()
@@ -125,6 +133,10 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     finally:
         warmpool.deactivate()  # stop starting processes; idle ones go when Ray does
     mlflow_client.set_terminated(parent_run_id, status="FINISHED")
+    _, left, where = outbox.drain_at_end(config.tracking.tracking_uri, config.tracking.outbox_wait_s)
+    if left:
+        log.warning("%d MLflow writes are still unsent in %s (the server is unreachable); send them with: "
+                    "loraforge mlflow sync %s --tracking-uri %s", left, where, where, config.tracking.tracking_uri)
     return result
 
 
@@ -135,6 +147,7 @@ def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str
         config, experiment_id=experiment_id, parent_run_id=parent_run_id,
         num_train_examples=data_summary.train_rows, concurrency=concurrency, resume_dir=resume_dir, lineage=lineage,
     )
+    _drain_outbox(config)
     best = sweep_result.best
     metric = config.sweep.metric
     model_name, alias = config.tracking.registered_model_name, config.tracking.alias
@@ -161,6 +174,19 @@ def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str
         mlflow_client.set_tag(parent_run_id, "loraforge.eval_run_id", evaluation.run_id)
     return PipelineResult(sweep_result, parent_run_id, model_name, str(version.version), model_uri, eval_metrics, rows,
                           evaluation)
+
+
+def _drain_outbox(config: ExperimentConfig) -> None:
+    """Before registering: every trial's queued MLflow writes (its adapter among them) must be on the server."""
+    sent, left, where = outbox.drain_at_end(config.tracking.tracking_uri, config.tracking.outbox_wait_s)
+    if sent:
+        log.info("outbox: sent %d MLflow writes queued while the server was unreachable", sent)
+    if left:
+        raise sweep.SweepError(
+            f"the MLflow server {config.tracking.tracking_uri} stayed unreachable for tracking.outbox_wait_s="
+            f"{config.tracking.outbox_wait_s:g} s after the sweep; {left} writes are kept in {where}. The trials' "
+            f"checkpoints are under {config.ray.storage_path}. When the server is back: loraforge mlflow sync {where} "
+            f"--tracking-uri {config.tracking.tracking_uri}, then register with loraforge run {config.name} --resume")
 
 
 def run_lineage(config: ExperimentConfig, data_summary: preflight.DataSummary) -> dict[str, Any]:

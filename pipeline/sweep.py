@@ -450,10 +450,11 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                     summary.status = "BUDGET"  # cut off by sweep.time_budget_s
                 case _:
                     summary.status = "DONE" if trained_all else "STOPPED"
-            # normally the trial's rank-0 worker created the run; a trial that failed before that gets one here
-            summary.run_id = tracking.trial_run(mlflow_client, experiment_id, parent_run_id, trial.trial_id,
-                                                summary.trial_name, config.trial_config(summary.sampled), summary.sampled,
-                                                lineage)
+            # normally the trial's rank-0 worker created the run (and reported its id); a trial that failed
+            # before that gets one here
+            summary.run_id = summary.last_result.get("mlflow_run_id") or tracking.trial_run(
+                mlflow_client, experiment_id, parent_run_id, trial.trial_id, summary.trial_name,
+                config.trial_config(summary.sampled), summary.sampled, lineage)
             mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
             if error:
                 mlflow_client.set_tag(summary.run_id, "loraforge.error", redact.redact_text(error)[-5000:])

@@ -27,12 +27,24 @@ ADAPTER_ARTIFACT = "adapter"
 CONFIG_ARTIFACT = "config.yaml"  # the resolved config, secrets masked
 
 
-def client(tracking_uri: str) -> Any:
+def raw_client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient
 
     # the registry URI is given explicitly: left out, MLflow falls back to a process-global
     # one that any other code in the process may have set
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def client(tracking_uri: str) -> Any:
+    """MLflow's client; for an HTTP server with an outbox folder set, one whose writes survive the server
+    going away (`pipeline.outbox`)."""
+    from pipeline import outbox
+
+    mlflow_client = raw_client(tracking_uri)
+    root = os.environ.get(outbox.ENV_VAR)
+    if root and tracking_uri.startswith(("http://", "https://")):
+        return outbox.ResilientClient(mlflow_client, outbox.Outbox(Path(root)))
+    return mlflow_client
 
 
 @contextlib.contextmanager
@@ -162,7 +174,10 @@ def record_lineage(mlflow_client: Any, run_id: str, config: ExperimentConfig, li
         from pipeline.registry import lineage as lineage_records
 
         set_tags(mlflow_client, run_id, lineage["tags"])
-        lineage_records.log_datasets(mlflow_client, run_id, lineage["datasets"])
+        if hasattr(mlflow_client, "log_datasets"):  # an outbox client: queued with the run's other writes
+            mlflow_client.log_datasets(run_id, lineage["datasets"])
+        else:
+            lineage_records.log_datasets(mlflow_client, run_id, lineage["datasets"])
 
 
 def start_parent_run(mlflow_client: Any, experiment_id: str, config: ExperimentConfig, trial_count: int,

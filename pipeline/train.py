@@ -295,6 +295,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 if metric_buffer is not None:
                     metric_buffer.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step)
                     metric_buffer.flush()
+                    # the driver closes this run when the trial ends, without searching a server that may be away
+                    metrics["mlflow_run_id"] = metric_buffer.run_id
                 with tempfile.TemporaryDirectory() as tmp:
                     _write_checkpoint(Path(tmp), strategy, rank, {
                         **metadata_base, "step": step, "metrics": metrics, "tokens_seen": tokens_seen,

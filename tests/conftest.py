@@ -128,3 +128,25 @@ def ray_local():
              runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """PostgreSQL + `mlflow server --app-name basic-auth` (artifacts served), once per pytest run."""
+    from tests.mlflow_service import MlflowServer, Postgres
+
+    import shutil
+    import tempfile
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    # outside pytest's root-only temp folder: the postgres user must reach its data directory
+    pg_root = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
+    pg_root.chmod(0o755)
+    postgres = Postgres(pg_root / "pg").start()
+    server = MlflowServer(postgres, root / "server")
+    try:
+        yield server.start()
+    finally:
+        server.kill()
+        postgres.stop()
+        shutil.rmtree(pg_root, ignore_errors=True)
