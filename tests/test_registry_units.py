@@ -1,0 +1,100 @@
+"""Fast checks of the registry's pieces: the promotion gate, redaction, safe names, the outbox's replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import outbox, redact, tracking
+from pipeline.config import GateCondition, PromotionSpec, TrackingSpec
+from pipeline.registry.promotion import check_gate
+
+
+def gate(*conditions: dict) -> list[GateCondition]:
+    return [GateCondition(**c) for c in conditions]
+
+
+def test_gate_gain_drop_floor_and_direction():
+    conditions = gate({"metric": "judge_single.score_mean", "min_gain": 0.2},
+                      {"metric": "e2e_nlg.bleu", "max_drop": 0.005},
+                      {"metric": "perplexity.perplexity", "direction": "lower", "max_drop": 0.5, "max": 30})
+    champion = {"judge_single.score_mean": 6.0, "e2e_nlg.bleu": 0.60, "perplexity.perplexity": 10.0}
+    good = {"judge_single.score_mean": 6.25, "e2e_nlg.bleu": 0.596, "perplexity.perplexity": 10.4}
+    assert all(c.passed for c in check_gate(conditions, good, champion))
+    # each condition failing on its own
+    for metric, value in (("judge_single.score_mean", 6.1), ("e2e_nlg.bleu", 0.59), ("perplexity.perplexity", 10.6)):
+        checks = check_gate(conditions, {**good, metric: value}, champion)
+        assert [c.metric for c in checks if not c.passed] == [metric]
+    # an absolute ceiling holds with no champion; relative conditions are skipped then
+    checks = check_gate(conditions, {**good, "perplexity.perplexity": 31.0}, None)
+    assert [(c.metric, c.condition) for c in checks if not c.passed] == [("perplexity.perplexity", "<= 30")]
+    assert all("no champion" in c.detail for c in checks if c.condition.startswith(("gain", "drop")))
+    # a metric the stage did not produce fails and names what there is
+    missing = check_gate(gate({"metric": "classification.accuracy", "min": 0.5}), {"classification.f1": 0.9}, None)
+    assert not missing[0].passed and "classification.f1" in missing[0].detail
+
+
+def test_gate_config_is_checked():
+    with pytest.raises(ValueError, match="give min_gain, max_drop, min or max"):
+        GateCondition(metric="e2e_nlg.bleu")
+    with pytest.raises(ValueError, match="exclude each other"):
+        GateCondition(metric="e2e_nlg.bleu", min_gain=0.1, max_drop=0.1)
+    with pytest.raises(ValueError, match="unknown suite"):
+        PromotionSpec(gate=[{"metric": "glue.accuracy", "min": 0.5}])
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../b", "/abs/model", "a\\\\b", ".hidden"])
+def test_names_that_could_traverse_paths_are_refused(name: str):
+    with pytest.raises(ValueError):
+        TrackingSpec(registered_model_name=name)
+    with pytest.raises(ValueError):
+        TrackingSpec(experiment_name=name if name.startswith(("/", "..", "a/..")) else "../" + name)
+
+
+def test_redaction_masks_uri_credentials_secret_fields_and_env_values(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-abcdef123456")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-987654321")
+    data = {"judge": {"base_url": "https://bob:hunter2hunter@api.example/v1", "api_key_env": "OPENAI_API_KEY"},
+            "tracking": {"tracking_uri": "postgresql://u:pw@db/mlflow"}, "hf_token": "hf_abc",
+            "note": "failed with key sk-live-abcdef123456 and tok-987654321",
+            "eval": {"generation": {"max_new_tokens": 64}}, "password": ""}
+    out = redact.redact(data)
+    assert out["judge"]["base_url"] == "https://***@api.example/v1"
+    assert out["judge"]["api_key_env"] == "OPENAI_API_KEY"  # the variable's name, not a secret
+    assert out["tracking"]["tracking_uri"] == "postgresql://***@db/mlflow"
+    assert out["hf_token"] == "***" and out["note"] == "failed with key *** and ***"
+    assert out["eval"]["generation"]["max_new_tokens"] == 64
+
+
+def test_outbox_queues_while_unreachable_and_replays_each_write_once(tmp_path: Path, monkeypatch):
+    """Writes to a dead server wait on disk; replayed into a real store, twice, they land once."""
+    from mlflow.entities import Metric, Param
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    store = tracking.raw_client(f"sqlite:///{tmp_path / 'm.db'}")
+    experiment = store.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
+    run_id = store.create_run(experiment).info.run_id
+    box = outbox.Outbox(tmp_path / "outbox")
+    dead = outbox.ResilientClient(tracking.raw_client("http://127.0.0.1:9"), box)
+    dead.log_batch(run_id, metrics=[Metric("loss", 1.5, 1000, 1), Metric("loss", 1.2, 2000, 2)],
+                   params=[Param("lr", "0.003")])
+    dead.set_tag(run_id, "stage", "training")
+    artifact = tmp_path / "note.txt"
+    artifact.write_text("kept")
+    dead.log_artifact(run_id, str(artifact), "notes")
+    artifact.unlink()  # the caller's temp file is gone; the outbox kept a copy
+    dead.log_text(run_id, "a: 1\n", "config.yaml")
+    dead.set_terminated(run_id, "FINISHED")
+    assert box.pending() == 5  # metrics+params, the tag, two artifacts, the status
+
+    assert box.drain(tracking.raw_client("http://127.0.0.1:9")) == (0, 5)  # still away: nothing lost
+    assert box.drain(store) == (5, 0)
+    assert box.drain(store) == (0, 0)
+    run = store.get_run(run_id)
+    assert [(m.step, m.value) for m in store.get_metric_history(run_id, "loss")] == [(1, 1.5), (2, 1.2)]
+    assert run.data.params == {"lr": "0.003"} and run.data.tags["stage"] == "training"
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in store.list_artifacts(run_id)} == {"notes", "config.yaml"}
+    assert box.sent_total() == 5
+    assert not list((tmp_path / "outbox" / outbox.FILES).iterdir())  # copies removed once sent
