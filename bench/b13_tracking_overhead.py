@@ -1,6 +1,6 @@
 """B13: tracking overhead on trial tokens/s: MLflow server (HTTP, PostgreSQL, basic auth) vs SQLite vs no tracking.
 
-The same one-worker MiniLM trial three times in one run: through `loraforge run` against a local
+The same one-worker MiniLM trial three times in one run (each twice by default, in alternating order; medians): through `loraforge run` against a local
 `mlflow server` on PostgreSQL as a non-admin user, through `loraforge run` against the embedded
 SQLite store, and as a bare Ray Train run of the same worker function with no MLflow at all.
 tokens/s is the worker's own figure (tokens over the training loop's time, step logging
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def untracked(config, storage: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the three runs (medians reported)")
     args = parser.parse_args()
     import sys
 
@@ -47,7 +49,6 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from tests.mlflow_service import MlflowServer, Postgres, env
 
-    figures = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         raw = experiment(tmp, train_rows=args.steps * 32, eval_rows=64, steps_between_evals=args.steps, name="b13")
@@ -61,20 +62,31 @@ def main() -> None:
             server.create_user("bench", "bench-password-1")
             raw["tracking"]["tracking_uri"] = server.uri
             (tmp / "http.yaml").write_text(yaml.safe_dump(raw))
-            with env({"MLFLOW_TRACKING_USERNAME": "bench", "MLFLOW_TRACKING_PASSWORD": "bench-password-1"}):
-                figures["http_postgres"] = run_pipeline(load_config(tmp / "http.yaml", env={})).sweep.best.last_result["tokens_per_s"]
-            os.environ.pop("LORAFORGE_MLFLOW_OUTBOX", None)
-            figures["sqlite"] = run_pipeline(load_config(tmp / "sqlite.yaml", env={})).sweep.best.last_result["tokens_per_s"]
-            figures["untracked"] = untracked(load_config(tmp / "sqlite.yaml", env={}), tmp / "untracked")
+            runs: dict[str, list[float]] = {"http_postgres": [], "sqlite": [], "untracked": []}
+            for round_ in range(args.repeats):  # rounds in alternating order, so drift hits every store alike
+                order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
+                for name in order:
+                    if name == "http_postgres":
+                        with env({"MLFLOW_TRACKING_USERNAME": "bench", "MLFLOW_TRACKING_PASSWORD": "bench-password-1"}):
+                            value = run_pipeline(load_config(tmp / "http.yaml", env={})).sweep.best.last_result["tokens_per_s"]
+                        os.environ.pop("LORAFORGE_MLFLOW_OUTBOX", None)
+                    elif name == "sqlite":
+                        value = run_pipeline(load_config(tmp / "sqlite.yaml", env={})).sweep.best.last_result["tokens_per_s"]
+                    else:
+                        value = untracked(load_config(tmp / "sqlite.yaml", env={}), tmp / f"untracked-{round_}")
+                    runs[name].append(value)
+            figures = {name: statistics.median(values) for name, values in runs.items()}
         finally:
             server.kill()
             postgres.stop()
             shutil.rmtree(pg_root, ignore_errors=True)
-    print(f"\nB13 tracking overhead, MiniLM + LoRA r=8 q,v, batch 32, 1 worker x 1 thread, {args.steps} steps")
+    print(f"\nB13 tracking overhead, MiniLM + LoRA r=8 q,v, batch 32, 1 worker x 1 thread, {args.steps} steps, "
+          f"median of {args.repeats} rounds")
     for name, label in (("untracked", "no tracking"), ("sqlite", "SQLite store"), ("http_postgres", "HTTP + PostgreSQL")):
-        print(f"  {label:18s}: {figures[name]:8.0f} tokens/s   ratio to no tracking {figures[name] / figures['untracked']:.3f}")
+        print(f"  {label:18s}: {figures[name]:8.0f} tokens/s   ratio to no tracking {figures[name] / figures['untracked']:.3f}"
+              f"   (runs: {', '.join(f'{v:.0f}' for v in runs[name])})")
     print("  target: >= 0.97 of no tracking")
-    dump("b13", {**figures, "steps": args.steps,
+    dump("b13", {**figures, "runs": runs, "steps": args.steps,
                  "ratio_sqlite": figures["sqlite"] / figures["untracked"],
                  "ratio_http_postgres": figures["http_postgres"] / figures["untracked"]})
 

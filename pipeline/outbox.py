@@ -35,6 +35,7 @@ ENV_VAR = "LORAFORGE_MLFLOW_OUTBOX"
 RETRY_S = 10.0  # after a failed write, queue without trying the server for this long
 FILES = "files"
 SENT_LOG = "sent.log"  # one JSON line per drain that sent anything
+REJECTED = "rejected.jsonl"  # entries the server answered with an error other than being away
 
 
 def unreachable(err: BaseException) -> bool:
@@ -112,8 +113,13 @@ class Outbox:
                         self._send(mlflow_client, entry)
                     except Exception as err:
                         if not unreachable(err):
-                            log.error("outbox: dropping %s for run %s that the server refuses: %s", entry["op"],
-                                      entry.get("run_id"), err)
+                            # the server answers but refuses it (a deleted run, a revoked permission): set it
+                            # aside with the reason, so one bad entry neither blocks the queue nor is lost
+                            log.error("outbox: the server refuses %s for run %s (%s); kept in %s", entry["op"],
+                                      entry.get("run_id"), err, self.root / REJECTED)
+                            with open(self.root / REJECTED, "a") as rejected:
+                                rejected.write(json.dumps({**entry, "error": str(err)[:2000]}) + "\n")
+                            entry.pop("file", None)  # its copy stays for a later look
                             done += 1
                             continue
                         break

@@ -225,13 +225,18 @@ def start_trial_run(
 
 
 class MetricBuffer:
-    """Collects per-step metrics and sends them in batches (one store write per flush)."""
+    """Collects per-step metrics and sends them in batches (one store write per flush) from a background
+    thread, so a slow or distant tracking server never stalls the training loop; batches go out in order."""
 
     def __init__(self, mlflow_client: Any, run_id: str, flush_every: int = 50):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.client = mlflow_client
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list[Any] = []
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        self._sent: list[Any] = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -241,10 +246,27 @@ class MetricBuffer:
         if len(self.pending) >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
-        for start in range(0, len(self.pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
-        self.pending = []
+    def _send(self, batch: list[Any]) -> None:
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def flush(self, wait: bool = False) -> None:
+        """Hand the pending metrics to the sender (`wait`: until they are sent); raises what a batch raised."""
+        for future in [f for f in self._sent if f.done() or wait]:
+            self._sent.remove(future)
+            future.result()
+        if self.pending:
+            batch, self.pending = self.pending, []
+            future = self._sender.submit(self._send, batch)
+            if wait:
+                future.result()
+            else:
+                self._sent.append(future)
+
+    def close(self) -> None:
+        """Send what is left and wait until every batch is on the server (or in the outbox)."""
+        self.flush(wait=True)
+        self._sender.shutdown(wait=True)
 
 
 def start_system_metrics(config: ExperimentConfig, run_id: str, resume: bool = False) -> Any:

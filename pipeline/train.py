@@ -294,7 +294,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 })
                 if metric_buffer is not None:
                     metric_buffer.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step)
-                    metric_buffer.flush()
+                    # a checkpoint's metrics are on the server before Tune hears of it (ASHA may stop the trial)
+                    metric_buffer.flush(wait=True)
                     # the driver closes this run when the trial ends, without searching a server that may be away
                     metrics["mlflow_run_id"] = metric_buffer.run_id
                 with tempfile.TemporaryDirectory() as tmp:
@@ -309,6 +310,6 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     if progress is not None:
         progress.close()
     if metric_buffer is not None:
-        metric_buffer.flush()
+        metric_buffer.close()
     if system_metrics is not None:
         system_metrics.finish()

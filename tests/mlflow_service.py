@@ -83,7 +83,9 @@ class MlflowServer:
         auth_ini.write_text(
             "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
             f"database_uri = {self.postgres.url('mlflow_auth')}\nadmin_username = {ADMIN}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # without it every request pays a PBKDF2 password check on the server
+            "auth_cache_ttl_seconds = 60\n")
         env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
                "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only-flask-secret-key",
                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}

@@ -64,3 +64,22 @@ def test_causal_task_trains_registers_and_reloads(kind: str, tmp_path: Path, tin
     adapter_dir = tracking.download_registered(config.tracking.tracking_uri, f"tiny-{kind}-lora", "candidate", tmp_path / "dl")
     assert (adapter_dir / "adapter_model.safetensors").is_file()
     assert score_adapter_dir(adapter_dir, config)["eval_loss"] == pytest.approx(result.eval_metrics["eval_loss"], rel=1e-5)
+
+    # the version is an MLflow Model: pyfunc generates text, the same our own decoding gives the same adapter
+    import mlflow
+    import pandas as pd
+
+    from pipeline.eval import stage
+    from pipeline.eval.generation import generate
+    from pipeline.registry import mlflow_model
+
+    rows = data.load_split(config.data, "eval")[:3]
+    frame = pd.DataFrame([{c: r.get(c) or "" for c, _ in mlflow_model.input_columns(config)} for r in rows])
+    with tracking.process_uri(config.tracking.tracking_uri):
+        model = mlflow.pyfunc.load_model(f"models:/tiny-{kind}-lora@candidate")
+        texts = model.predict(frame, params={"max_new_tokens": 8})["text"].tolist()
+    peft_model, tokenizer = stage.load_model(config, str(adapter_dir), tmp_path / "w")
+    want = generate(peft_model, tokenizer, [data.prompt_ids(config.data, r, tokenizer) for r in rows],
+                    config.eval.generation.model_copy(update={"max_new_tokens": 8})).texts
+    assert texts == want and any(texts)
+    assert model.metadata.get_params_schema().to_dict()[0]["name"] == "max_new_tokens"
