@@ -214,9 +214,14 @@ def models(
     tracking_uri: TrackingOption = "sqlite:///mlruns.db",
 ) -> None:
     """Registered versions: aliases, eval metrics, base, LoRA settings, promotion and created time."""
+    from pipeline import redact
     from pipeline.registry import tables
 
-    tables.print_rows(tables.model_rows(tracking_uri, name), tables.title("registered models", tracking_uri))
+    try:
+        rows = tables.model_rows(tracking_uri, name)
+    except Exception as err:  # no such model, an unreachable store: say which
+        fail_config(f"models: {err.__class__.__name__}: {redact.redact_text(str(err))}")
+    tables.print_rows(rows, tables.title("registered models", tracking_uri))
 
 
 @app.command()
@@ -225,9 +230,14 @@ def runs(
     tracking_uri: TrackingOption = "sqlite:///mlruns.db",
 ) -> None:
     """Sweeps: trials, best metric, status, registered version and start time."""
+    from pipeline import redact
     from pipeline.registry import tables
 
-    tables.print_rows(tables.run_rows(tracking_uri, experiment), tables.title("sweeps", tracking_uri))
+    try:
+        rows = tables.run_rows(tracking_uri, experiment)
+    except Exception as err:
+        fail_config(f"runs: {err.__class__.__name__}: {redact.redact_text(str(err))}")
+    tables.print_rows(rows, tables.title("sweeps", tracking_uri))
 
 
 mlflow_app = typer.Typer(no_args_is_help=True, help="The MLflow side: writes queued while the server was away.")

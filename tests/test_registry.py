@@ -305,3 +305,5 @@ def test_gated_promotion_force_and_rollback(swept):
     assert out.exit_code == 0 and "champion" in out.output and "classification.accuracy" in out.output
     out = runner.invoke(app, ["runs", "tests", "--tracking-uri", config.tracking.tracking_uri])
     assert out.exit_code == 0 and config.name in out.output and "FINISHED" in out.output
+    out = runner.invoke(app, ["models", "no-such-model", "--tracking-uri", config.tracking.tracking_uri])
+    assert out.exit_code == 2 and "no-such-model" in out.output and "Traceback" not in out.output

@@ -98,3 +98,15 @@ def test_outbox_queues_while_unreachable_and_replays_each_write_once(tmp_path: P
     assert {a.path for a in store.list_artifacts(run_id)} == {"notes", "config.yaml"}
     assert box.sent_total() == 5
     assert not list((tmp_path / "outbox" / outbox.FILES).iterdir())  # copies removed once sent
+
+
+def test_promote_refuses_an_empty_gate_and_an_unexplained_force(tmp_path: Path, sst2_small):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.registry import promotion
+    from tests.conftest import minilm_config, write_yaml
+
+    config = load_config(write_yaml(tmp_path / "c.yaml", minilm_config(tmp_path, sst2_small)), env={})
+    with pytest.raises(ConfigError, match="registry.promotion.gate: empty"):
+        promotion.promote(config)
+    with pytest.raises(ConfigError, match="give --reason"):
+        promotion.promote(config, force=True, reason="  ")

@@ -227,10 +227,13 @@ def rollback(config: ExperimentConfig, reason: str | None = None) -> Decision:
     if not previous or previous == "none":
         raise ConfigError([f"--rollback: version {current.version} became {spec.to_alias!r} with no champion before "
                            "it (or not through loraforge promote); set the alias by hand if you mean it"])
-    mlflow_client.get_model_version(name, previous)  # still there?
+    try:
+        back = mlflow_client.get_model_version(name, previous)
+    except Exception as err:  # deleted since
+        raise ConfigError([f"--rollback: version {previous}, the {spec.to_alias!r} before version {current.version}, "
+                           f"is gone ({err.__class__.__name__}); set the alias by hand"]) from None
     mlflow_client.set_registered_model_alias(name, spec.to_alias, previous)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    back = mlflow_client.get_model_version(name, previous)
     for number, text, model_version in ((current.version, f"rolled back: {spec.to_alias!r} moved to version {previous}",
                                          current),
                                         (previous, f"{spec.to_alias!r} again by rollback from version {current.version}",
