@@ -142,7 +142,7 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
 
 def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str, parent_run_id: str,
                 data_summary: preflight.DataSummary, concurrency: int, reports_dir: Path | None,
-                resume_dir: Path | None = None, lineage: dict[str, Any] | None = None) -> PipelineResult:
+                resume_dir: Path | None, lineage: dict[str, Any]) -> PipelineResult:
     sweep_result = sweep.run_sweep(
         config, experiment_id=experiment_id, parent_run_id=parent_run_id,
         num_train_examples=data_summary.train_rows, concurrency=concurrency, resume_dir=resume_dir, lineage=lineage,
@@ -151,7 +151,7 @@ def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str
     best = sweep_result.best
     metric = config.sweep.metric
     model_name, alias = config.tracking.registered_model_name, config.tracking.alias
-    version = register_winner(config, mlflow_client, parent_run_id, best, lineage or run_lineage(config, data_summary))
+    version = register_winner(config, mlflow_client, parent_run_id, best, lineage)
     model_uri = f"models:/{model_name}@{alias}"
 
     # evaluate what the registry serves, not what is in memory

@@ -92,10 +92,10 @@ def preflight(tracking_uri: str, experiment_name: str, model_name: str | None = 
     HTTP servers are probed with short requests first (`pipeline.tracking_server`): MLflow's
     own client retries for minutes before it gives up.
     """
+    from pipeline import tracking_server
+
     user = None
     if tracking_uri.startswith(("http://", "https://")):
-        from pipeline import tracking_server
-
         tracking_server.check_reachable(tracking_uri)
         user = tracking_server.current_user(tracking_uri)
     elif tracking_uri.startswith("sqlite:///"):
@@ -107,8 +107,6 @@ def preflight(tracking_uri: str, experiment_name: str, model_name: str | None = 
     try:
         mlflow_client = client(tracking_uri)
         if user is not None:
-            from pipeline import tracking_server
-
             if problems := tracking_server.check_permissions(mlflow_client, user, experiment_name, model_name):
                 raise ConfigError(problems)
         return ensure_experiment(mlflow_client, experiment_name, tracking_uri)
