@@ -116,10 +116,15 @@ def log_datasets(mlflow_client: Any, run_id: str, records: list[dict[str, Any]])
     mlflow_client.log_inputs(run_id, datasets=inputs)
 
 
+def base_tags(base: dict[str, str], without: tuple[str, ...] = ()) -> dict[str, str]:
+    """The base model's identity (`base_identity`) as `loraforge.base.*` tags."""
+    return {f"loraforge.base.{k}": v for k, v in base.items() if k not in without}
+
+
 def run_tags(base: dict[str, str]) -> dict[str, str]:
     """Tags every sweep and trial run gets: the code commit, library versions, the base model's identity."""
     tags = {f"loraforge.version.{k}": v for k, v in library_versions().items()}
-    tags.update({f"loraforge.base.{k}": v for k, v in base.items()})
+    tags.update(base_tags(base))
     if commit := git_commit():
         tags[GIT_COMMIT_TAG] = commit
     return tags
@@ -129,8 +134,9 @@ def version_tags(config: ExperimentConfig, base: dict[str, str], records: list[d
                  sweep_run_id: str, trial_id: str, trial_run_id: str) -> dict[str, str]:
     """A registered version's lineage: what it was trained from and with, and by which sweep and trial."""
     targets = config.lora.target_modules
+    # a local base's path is a run's business (where it ran), not the version's
     tags = {
-        "loraforge.base.name": base["name"], "loraforge.base.sha256": base["sha256"],
+        **base_tags(base, without=("path",)),
         "loraforge.strategy": config.strategy.kind, "loraforge.lora.r": str(config.lora.r),
         "loraforge.lora.alpha": str(config.lora.alpha), "loraforge.lora.target_modules":
             "+".join(targets) if isinstance(targets, list) else str(targets),
@@ -138,9 +144,6 @@ def version_tags(config: ExperimentConfig, base: dict[str, str], records: list[d
         "loraforge.sweep_run_id": sweep_run_id, "loraforge.trial_id": trial_id, "loraforge.trial_run_id": trial_run_id,
         "loraforge.experiment": config.name,
     }
-    for key in ("package", "package_version"):
-        if key in base:
-            tags[f"loraforge.base.{key}"] = base[key]
     for record in records:
         tags[f"loraforge.data.{record['context']}.sha256"] = record["sha256"]
         tags[f"loraforge.data.{record['context']}.rows"] = str(record["rows"])
