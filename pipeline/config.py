@@ -738,13 +738,29 @@ class JudgeSpec(StrictModel):
         return self
 
 
+def is_uri(value: object) -> bool:
+    """`s3://bucket/x`, `gs://...`, `file:///...`: a location for pyarrow.fs, not a local path."""
+    return isinstance(value, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value) is not None
+
+
 class RaySpec(StrictModel):
     address: str | None = Field(None, description="Cluster to join; RAY_ADDRESS overrides. None: a local instance.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local instance (default: all).")
-    storage_path: Path = Field(Path("loraforge_results"), description="Where Ray Tune/Train keep trial state and checkpoints.")
+    storage_path: Path | str = Field(Path("loraforge_results"), description=(
+        "Where Ray Tune/Train keep trial state and checkpoints: a folder every node can write (local, NFS, a "
+        "mounted volume). A URI (s3://, gs://) is kept as written, never resolved as a path; see README "
+        "\"Shared storage\" for what works on one today."))
     warm_workers: bool = Field(True, description=(
         "Local instance only: start the next trials' worker processes (training stack imported) while "
         "the current ones train, so a trial does not wait for Python to start (see pipeline/warmpool.py)."))
+
+    @field_validator("storage_path", mode="before")
+    @classmethod
+    def _uri_or_path(cls, value: object) -> object:
+        # Path("s3://b/x") would be "s3:/b/x": a URI stays a string, anything else becomes a Path
+        if is_uri(value):
+            return value
+        return Path(value) if isinstance(value, str) else value
 
 
 class ExperimentConfig(StrictModel):
@@ -985,7 +1001,8 @@ def _absolutize(config: ExperimentConfig, env: Mapping[str, str]) -> ExperimentC
         ref.path = (root / ref.path.expanduser()).resolve()
     if judge.cache_dir is not None:
         judge.cache_dir = judge.cache_dir.expanduser().resolve()
-    config.ray.storage_path = config.ray.storage_path.expanduser().resolve()
+    if isinstance(config.ray.storage_path, Path):
+        config.ray.storage_path = config.ray.storage_path.expanduser().resolve()
     if config.tracking.outbox_dir is not None:
         config.tracking.outbox_dir = config.tracking.outbox_dir.expanduser().resolve()
     uri = config.tracking.tracking_uri

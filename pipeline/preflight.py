@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline import adapters, data, datafiles, strategies
-from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
+from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig, is_uri
 
 log = logging.getLogger("loraforge")
 
@@ -185,9 +185,21 @@ def check_strategies(trial_configs: list[ExperimentConfig]) -> tuple[list[str], 
     return list(dict.fromkeys(problems)), list(dict.fromkeys(warnings))
 
 
+def check_storage(config: ExperimentConfig) -> list[str]:
+    """A URI storage path is kept as written (never resolved), but the sweep cannot use one yet."""
+    storage = config.ray.storage_path
+    if not is_uri(storage):
+        return []
+    return [f"ray.storage_path={storage}: checkpoints on an object store are not supported yet (loraforge reads each "
+            "trial's checkpoints back from a filesystem to choose, register and resume them); give a folder every "
+            "node mounts (NFS, a ReadWriteMany PVC: cluster/kuberay/storage.yaml, or the bucket mounted with "
+            "mountpoint-s3 or s3fs-fuse). MLflow artifacts can live in the bucket: mlflow server --artifacts-destination "
+            f"{storage.split('://')[0]}://..."]
+
+
 def check(config: ExperimentConfig, trial_configs: list[ExperimentConfig]) -> DataSummary:
     """All file/model/data checks; returns row counts, or raises one ConfigError with every problem."""
-    problems = check_model(config)
+    problems = check_storage(config) + check_model(config)
     strategy_problems, strategy_warnings = check_strategies(trial_configs)
     problems += strategy_problems
     for warning in strategy_warnings:

@@ -66,7 +66,9 @@ def connect_ray(config: ExperimentConfig) -> bool:
     if ray.is_initialized():
         return False
     if config.ray.address:
-        env_vars = {k: os.environ[k] for k in (*_RAY_ENV_DEFAULTS, outbox.ENV_VAR) if k in os.environ}
+        # inside a Ray job, variables its runtime env sets already reach every worker; Ray refuses to set them twice
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env", {}).get("env_vars") or {}
+        env_vars = {k: os.environ[k] for k in (*_RAY_ENV_DEFAULTS, outbox.ENV_VAR) if k in os.environ and k not in job_env}
         ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return False
     # one machine has no spot preemption to watch; the watcher is one more process per trial

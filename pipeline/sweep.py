@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +108,10 @@ def cluster_resources() -> Resources:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # a submitted job's driver holds entrypoint_num_cpus of the cluster's CPUs (pipeline.jobs)
+    driver_cpus = float(os.environ.get("LORAFORGE_DRIVER_CPUS") or 0)
     return Resources(
-        cpus=sum(n["Resources"].get("CPU", 0) for n in nodes),
+        cpus=sum(n["Resources"].get("CPU", 0) for n in nodes) - driver_cpus,
         gpus=sum(n["Resources"].get("GPU", 0) for n in nodes),
         max_node_cpus=max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
         max_node_gpus=max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
@@ -654,7 +657,10 @@ def run_sweep(
             trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
         ),
-        run_config=tune.RunConfig(name=run_name, storage_path=str(storage_path), callbacks=[callback], verbose=1),
+        # a trial whose node died (its Train controller with it) starts again; its Train run resumes from
+        # the last checkpoint on ray.storage_path
+        run_config=tune.RunConfig(name=run_name, storage_path=str(storage_path), callbacks=[callback], verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=config.train.max_failures)),
     )
     tuner.fit()
     return _sweep_result(config, run_name, list(callback.trials.values()), started)

@@ -133,6 +133,18 @@ def _write_checkpoint(directory: Path, strategy: MemoryStrategy, rank: int, meta
         raise
 
 
+def _tag_node(mlflow_client: Any, run_id: str) -> None:
+    """Which Ray node runs rank 0 now (`loraforge.node_id`), and every node it ran on (`loraforge.node_ids`)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    earlier = mlflow_client.get_run(run_id).data.tags.get("loraforge.node_ids", "")
+    nodes = [n for n in earlier.split(",") if n]
+    if not nodes or nodes[-1] != node:
+        nodes.append(node)
+    tracking.set_tags(mlflow_client, run_id, {"loraforge.node_id": node, "loraforge.node_ids": ",".join(nodes)})
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """One worker of one trial. `loop_config` = {"experiment": config dict, "trial": dict | None}.
 
@@ -209,6 +221,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         run_id = tracking.trial_run(mlflow_client, trial["experiment_id"], trial["parent_run_id"], trial["trial_id"],
                                     trial["trial_name"], config, trial["sampled"], trial.get("lineage"))
         metric_buffer = tracking.MetricBuffer(mlflow_client, run_id)
+        _tag_node(mlflow_client, run_id)
         system_metrics = tracking.start_system_metrics(config, run_id, resume=resume_dir is not None)
         if resume_dir is None:
             tracking.log_params(mlflow_client, run_id, {

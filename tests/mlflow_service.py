@@ -53,10 +53,13 @@ class Postgres:
         subprocess.run(_as_postgres(["pg_ctl", "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-w", "-o",
                                      f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start"]),
                        check=True, capture_output=True)
+        self.create(*databases)
+        return self
+
+    def create(self, *databases: str) -> None:
         for database in databases:
             subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", database],
                            check=True, capture_output=True)
-        return self
 
     def stop(self) -> None:
         subprocess.run(_as_postgres(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"]), capture_output=True)
@@ -68,6 +71,10 @@ class MlflowServer:
     root: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    databases: tuple[str, str] = ("mlflow", "mlflow_auth")
+    # where the server keeps artifacts (default: a folder under root), e.g. s3://bucket/prefix, and what it needs for it
+    artifacts_destination: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -82,19 +89,20 @@ class MlflowServer:
         auth_ini = self.root / "basic_auth.ini"
         auth_ini.write_text(
             "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-            f"database_uri = {self.postgres.url('mlflow_auth')}\nadmin_username = {ADMIN}\n"
+            f"database_uri = {self.postgres.url(self.databases[1])}\nadmin_username = {ADMIN}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             # without it every request pays a PBKDF2 password check on the server
             "auth_cache_ttl_seconds = 60\n")
         env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
                "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only-flask-secret-key",
-               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""), **self.extra_env}
         for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
             env.pop(key, None)
         log = (self.root / "server.log").open("ab")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
-             "--backend-store-uri", self.postgres.url("mlflow"), "--artifacts-destination", str(self.artifacts),
+             "--backend-store-uri", self.postgres.url(self.databases[0]),
+             "--artifacts-destination", self.artifacts_destination or str(self.artifacts),
              "--serve-artifacts", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,12 @@ def library_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The commit of the loraforge checkout this code runs from (None when installed from a wheel)."""
+    """The commit of the loraforge checkout this code runs from (None when installed from a wheel).
+
+    A submitted job runs from an upload without .git: `loraforge submit` passes the commit in LORAFORGE_GIT_COMMIT.
+    """
+    if submitted := os.environ.get("LORAFORGE_GIT_COMMIT"):
+        return submitted
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

@@ -1,0 +1,130 @@
+"""What `loraforge submit` sends, built without a cluster: paths, upload, secrets, address, token."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import jobs
+from pipeline.config import ConfigError
+from tests.conftest import REPO, minilm_config, write_yaml
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, sst2_small) -> Path:
+    """A project folder as a user has it: code, a config, fetched data, and things that must stay behind."""
+    wd = tmp_path / "project"
+    shutil.copytree(REPO / "jobs", wd / "jobs")
+    (wd / "data" / "sst2").mkdir(parents=True)
+    shutil.copy(sst2_small["train"], wd / "data" / "sst2" / "train.jsonl")
+    shutil.copy(sst2_small["eval"], wd / "data" / "sst2" / "dev.jsonl")
+    (wd / "data" / "e2e").mkdir()
+    (wd / "data" / "e2e" / "big.csv").write_text("not needed\n")
+    for junk in (".venv/bin/python", "loraforge_results/x/ckpt", "mlartifacts/1/a", ".git/HEAD", "pkg/__pycache__/m.pyc"):
+        (wd / junk).parent.mkdir(parents=True, exist_ok=True)
+        (wd / junk).write_text("x")
+    (wd / "mlruns.db").write_text("x")
+    config = minilm_config(wd, sst2_small)
+    config["data"].update(train_path="sst2/train.jsonl", eval_path="sst2/dev.jsonl")
+    config["tracking"]["tracking_uri"] = "sqlite:////shared/mlruns.db"
+    config["ray"]["storage_path"] = "/shared/results"
+    (wd / "configs").mkdir()
+    write_yaml(wd / "configs" / "exp.yaml", config)
+    return wd
+
+
+def env_for(wd: Path, **extra: str) -> dict[str, str]:
+    return {"HOME": str(wd), "LORAFORGE_DATA_ROOT": str(wd / "data"), **extra}
+
+
+def test_inputs_inside_the_upload_go_up_and_the_rest_stays_behind(workdir: Path):
+    plan = jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir, env=env_for(workdir),
+                                submission_id="s1")
+    assert plan.uploaded == {"data.train_path": "data/sst2/train.jsonl", "data.eval_path": "data/sst2/dev.jsonl"}
+    assert plan.entrypoint == ("python jobs/sweep.py --uploaded data.train_path=data/sst2/train.jsonl "
+                               "--uploaded data.eval_path=data/sst2/dev.jsonl configs/exp.yaml")
+    files = jobs.upload_files(plan)
+    assert {"data/sst2/train.jsonl", "data/sst2/dev.jsonl", "configs/exp.yaml", "jobs/sweep.py"} <= set(files)
+    assert not [f for f in files if f.startswith((".venv", ".git", "loraforge_results", "mlartifacts", "data/e2e"))
+                or f.endswith((".db", ".pyc"))], files
+    assert plan.entrypoint_num_cpus == 1 and plan.runtime_env["env_vars"][jobs.DRIVER_CPUS_VAR] == "1"
+    assert plan.warnings == []  # storage and tracking on shared paths
+
+
+def test_an_input_outside_the_upload_is_refused_by_key_unless_on_the_cluster_or_a_uri(workdir: Path, sst2_small):
+    outside = [f"data.train_path={sst2_small['train']}"]
+    with pytest.raises(jobs.JobsError) as info:
+        jobs.plan_submission(workdir / "configs" / "exp.yaml", outside, working_dir=workdir, env=env_for(workdir))
+    assert "data.train_path" in str(info.value) and "--on-cluster data.train_path" in str(info.value)
+
+    plan = jobs.plan_submission(workdir / "configs" / "exp.yaml", outside, working_dir=workdir, env=env_for(workdir),
+                                on_cluster=["data.train_path"])
+    assert "data.train_path" not in plan.uploaded and plan.entrypoint.endswith(f"data.train_path={sst2_small['train']}")
+
+    uri = jobs.plan_submission(workdir / "configs" / "exp.yaml", ["data.train_path=s3://bucket/sst2/train.jsonl"],
+                               working_dir=workdir, env=env_for(workdir))
+    assert "data.train_path" not in uri.uploaded
+
+    with pytest.raises(jobs.JobsError, match="--on-cluster data.train_pth: not an input path"):
+        jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir, env=env_for(workdir),
+                             on_cluster=["data.train_pth"])
+    with pytest.raises(jobs.JobsError, match="outside the uploaded folder"):
+        jobs.plan_submission(REPO / "configs" / "quickstart.yaml", [], working_dir=workdir, env=env_for(workdir))
+    with pytest.raises(ConfigError, match="train.lr"):
+        jobs.plan_submission(workdir / "configs" / "exp.yaml", ["train.lr=-1"], working_dir=workdir, env=env_for(workdir))
+
+
+def test_secrets_travel_by_name_unless_forwarded(workdir: Path):
+    password = "hunter2-" * 3
+    env = env_for(workdir, MLFLOW_TRACKING_URI="http://mlflow:5000", MLFLOW_TRACKING_USERNAME="me",
+                  MLFLOW_TRACKING_PASSWORD=password)
+    plan = jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir, env=env)
+    assert password not in json.dumps(plan.__dict__)
+    assert plan.runtime_env["env_vars"][jobs.SECRET_NAMES_VAR] == "MLFLOW_TRACKING_PASSWORD"
+    assert plan.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert plan.metadata["loraforge.secret_names"] == "MLFLOW_TRACKING_PASSWORD"
+
+    forwarded = jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir, env=env,
+                                     forward_secrets=["MLFLOW_TRACKING_PASSWORD"])
+    assert forwarded.runtime_env["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == password
+    assert forwarded.runtime_env["env_vars"][jobs.SECRET_NAMES_VAR] == ""
+    assert password not in json.dumps(forwarded.metadata)
+    with pytest.raises(jobs.JobsError, match="--forward-secret JUDGE_KEY: JUDGE_KEY is not set here"):
+        jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir, env=env, forward_secrets=["JUDGE_KEY"])
+
+    # credentials inside the URI never travel
+    inline = jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir,
+                                  env=env_for(workdir, MLFLOW_TRACKING_URI=f"http://me:{password}@mlflow:5000"))
+    assert password not in json.dumps(inline.__dict__)
+
+    # in the job: a named secret the cluster does not set is reported by name
+    assert jobs.require_secrets({jobs.SECRET_NAMES_VAR: "A_TOKEN,B_KEY", "B_KEY": "x"}) == ["A_TOKEN"]
+    assert jobs.uploaded_overrides(["data.train_path=data/t.jsonl"], Path("/job")) == ['data.train_path="/job/data/t.jsonl"']
+
+
+def test_outputs_in_the_jobs_temporary_dir_are_warned_about(workdir: Path):
+    plan = jobs.plan_submission(workdir / "configs" / "exp.yaml", ["ray.storage_path=results"], working_dir=workdir,
+                                env=env_for(workdir))
+    assert any("ray.storage_path" in w and "shared storage" in w for w in plan.warnings)
+
+
+def test_the_address_and_the_token_are_found_as_ray_finds_them(tmp_path: Path):
+    with pytest.raises(jobs.JobsError, match="RAY_API_SERVER_ADDRESS or RAY_ADDRESS"):
+        jobs.resolve_address(None, {})
+    with pytest.raises(jobs.JobsError, match="dashboard port"):
+        jobs.resolve_address("127.0.0.1:6379", {})
+    assert jobs.resolve_address(None, {"RAY_ADDRESS": "http://head:8265/"}) == "http://head:8265"
+    assert jobs.resolve_address("http://a:1", {"RAY_ADDRESS": "http://b:2"}) == "http://a:1"
+
+    assert jobs.find_token({"HOME": str(tmp_path)}) is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-file\n")
+    assert jobs.find_token({"HOME": str(tmp_path)}) == ("from-file", str(tmp_path / ".ray" / "auth_token"))
+    assert jobs.find_token({"HOME": str(tmp_path), "RAY_AUTH_TOKEN": "env"}) == ("env", "RAY_AUTH_TOKEN")
+    with pytest.raises(jobs.JobsError, match="RAY_AUTH_TOKEN_PATH=.*no such file"):
+        jobs.find_token({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")})
+    with pytest.raises(jobs.JobsError, match="no job server answers at http://127.0.0.1:9"):
+        jobs.check_auth("http://127.0.0.1:9", {})
