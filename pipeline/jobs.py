@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from pipeline import redact
-from pipeline.config import SUITES_FOR_KIND, ExperimentConfig, data_root, load_config
+from pipeline.config import ExperimentConfig, data_root, load_config
 
 log = logging.getLogger("loraforge")
 
 ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-TOKEN_VARS = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 # set on the job: the secrets it needs, by name (the cluster supplies the values), and the CPUs its driver holds
 SECRET_NAMES_VAR = "LORAFORGE_SECRET_NAMES"
 DRIVER_CPUS_VAR = "LORAFORGE_DRIVER_CPUS"
@@ -148,7 +147,9 @@ class Submission:
 def input_paths(config: ExperimentConfig) -> dict[str, Path]:
     """The files the job reads, by config key (only those of the stages that will run)."""
     paths = {"data.train_path": config.data.train_path, "data.eval_path": config.data.eval_path}
-    suites = config.eval.suites if config.eval.suites is not None else SUITES_FOR_KIND[config.data.kind][0]
+    from pipeline.eval.stage import suite_names
+
+    suites = suite_names(config)
     if "mt_bench" in suites:
         paths["eval.mt_bench.questions_path"] = config.eval.mt_bench.questions_path
     if any(s.startswith("judge") for s in suites):
@@ -165,7 +166,9 @@ def input_paths(config: ExperimentConfig) -> dict[str, Path]:
 def secret_names(config: ExperimentConfig, env: Mapping[str, str]) -> list[str]:
     """The secret variables the job needs on the cluster (names only)."""
     names = []
-    suites = config.eval.suites if config.eval.suites is not None else SUITES_FOR_KIND[config.data.kind][0]
+    from pipeline.eval.stage import suite_names
+
+    suites = suite_names(config)
     if config.judge.api_key_env and any(s.startswith("judge") for s in suites):
         names.append(config.judge.api_key_env)
     if config.tracking.tracking_uri.startswith(("http://", "https://")):
