@@ -23,7 +23,7 @@ quickstart: venv
 
 test: venv
 	$(BIN)/loraforge data fetch
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -v --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -v --durations=40
 
 bench: venv
 	$(BIN)/loraforge data fetch sst2 e2e alpaca mt_bench

@@ -166,7 +166,9 @@ def test_a_submitted_sweep_spreads_over_both_nodes_and_survives_losing_one(clust
     deadline, victim = time.time() + 240, None
     while time.time() < deadline and victim is None:
         assert job_info(cluster, job_id)["status"] in ("PENDING", "RUNNING"), job_logs(cluster, job_id)[-4000:]
-        if db.exists():
+        # the driver creates and migrates the database before any trial starts: read it only once a
+        # checkpoint exists, so this client never races that migration
+        if list(results.glob("*/train/train-*/checkpoint_*")):
             client = tracking.client(f"sqlite:///{db}")
             experiment = client.get_experiment_by_name("loraforge-quickstart")
             runs = client.search_runs([experiment.experiment_id], "tags.`loraforge.kind` = 'trial'") if experiment else []

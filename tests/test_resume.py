@@ -2,6 +2,9 @@
 
 Finished trials are not rerun, the interrupted one continues from its own checkpoints,
 the trial count and the MLflow runs stay the same, and the winner is registered.
+
+The resumed run is also a whole `loraforge run` with its own local Ray instance: while it runs, its
+listening sockets are sampled (tests/sockets.py) and must be on loopback but for Ray's documented few.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 
 from pipeline import tracking
 from tests.conftest import REPO, minilm_config, write_yaml
+from tests.sockets import ListenerWatch, assert_loopback_only
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +76,8 @@ def test_f6_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Pa
     runs_before = {r.info.run_id for r in trial_runs(uri, "tests")}
 
     resumed = cli(str(path), "--resume", cwd=tmp_path)
-    output, _ = resumed.communicate(timeout=600)
+    with ListenerWatch(resumed.pid) as sockets:
+        output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output[-3000:]
     assert "resuming sweep" in output and "f6: 3 trials" in output
 
@@ -90,3 +95,5 @@ def test_f6_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Pa
     parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
     assert client.get_model_version_by_alias("test-sst2-lora", "candidate").run_id in {r.info.run_id for r in runs}
+    # what the resumed run's local instance listened on: our servers on loopback, Ray's documented few
+    assert_loopback_only(sockets.seen)

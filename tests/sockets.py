@@ -1,21 +1,15 @@
-"""What `loraforge run`'s local Ray instance listens on: its own servers on loopback only, and every
-port Ray itself opens to the network one of the documented few (README, "Ports and exposure")."""
+"""What a `loraforge run` process tree listens on: its own servers on loopback only, and every port
+Ray itself opens to the network one of the documented few (README, "Ports and exposure").
+
+`ListenerWatch` samples the listening sockets of a process and its children in a thread while the
+run goes on; `assert_loopback_only` judges what it saw."""
 
 from __future__ import annotations
 
 import ipaddress
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
+import threading
 
 import psutil
-import pytest
-
-from tests.conftest import REPO, minilm_config, write_yaml
-
-pytestmark = pytest.mark.slow
 
 # Ray 2.60 binds these to every interface (or to the node's address) and has no option for loopback;
 # the README lists them with the firewall rule. Anything else off loopback fails the test.
@@ -30,11 +24,11 @@ RAY_NETWORK_LISTENERS = {
 }
 # the driver (`loraforge run`) is a Ray core worker too: its one gRPC port is Ray's, any other is ours
 DRIVER_RAY_PORTS = 1
+DASHBOARD_METRICS_PORT = 44227
 
 
 def is_loopback(host: str) -> bool:
-    host = host.removeprefix("::ffff:")
-    return ipaddress.ip_address(host).is_loopback
+    return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
 
 
 def ray_component(name: str, cmdline: str) -> str | None:
@@ -44,8 +38,8 @@ def ray_component(name: str, cmdline: str) -> str | None:
     return None
 
 
-def listeners(root: psutil.Process) -> list[tuple[str, int, str, str]]:
-    """(host, port, process name, command line) of every listening socket in the process tree."""
+def listeners(root: psutil.Process) -> list[tuple[str, int, int, str, str]]:
+    """(host, port, pid, process name, command line) of every listening socket in the process tree."""
     try:
         pids = {root.pid} | {p.pid for p in root.children(recursive=True)}
     except psutil.NoSuchProcess:
@@ -55,35 +49,42 @@ def listeners(root: psutil.Process) -> list[tuple[str, int, str, str]]:
         if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
             try:
                 owner = psutil.Process(conn.pid)
-                found.append((conn.laddr.ip, conn.laddr.port, owner.name(), " ".join(owner.cmdline())))
+                found.append((conn.laddr.ip, conn.laddr.port, conn.pid, owner.name(), " ".join(owner.cmdline())))
             except psutil.Error:
                 pass
     return found
 
 
-def test_loraforge_run_binds_its_servers_to_loopback(tmp_path: Path, sst2_small):
-    config = minilm_config(tmp_path, sst2_small, data={"max_train_examples": 96}, train={"eval_every_steps": 3})
-    path = write_yaml(tmp_path / "exp.yaml", config)
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))} | {
-        "HOME": str(home), "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "loraforge"), "run", str(path), "--reports-dir", str(tmp_path / "r")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root = psutil.Process(proc.pid)
-    seen: dict[tuple[str, int], tuple[str, str]] = {}
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        for host, port, name, cmdline in listeners(root):
-            seen.setdefault((host, port), ("driver" if name == "loraforge" else name, cmdline))
-        time.sleep(2)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, out[-4000:]
-    assert seen, "saw no listening socket at all"
+class ListenerWatch:
+    """Samples `listeners(pid)` every `interval_s` until stopped; `seen` maps (host, port) to its owner."""
 
+    def __init__(self, pid: int, interval_s: float = 2.0):
+        self.root = psutil.Process(pid)
+        self.interval_s = interval_s
+        self.seen: dict[tuple[str, int], tuple[str, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for host, port, pid, name, cmdline in listeners(self.root):
+                self.seen.setdefault((host, port), ("driver" if pid == self.root.pid else name, cmdline))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "ListenerWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def assert_loopback_only(seen: dict[tuple[str, int], tuple[str, str]]) -> None:
+    assert seen, "saw no listening socket at all"
     # the dashboard (and the job API on it) is ours to place: loopback, as run.connect_ray asks
     dashboard = [(h, p) for (h, p), (name, cmdline) in seen.items()
-                 if ray_component(name, cmdline) == "dashboard/dashboard.py" and p != 44227]
+                 if ray_component(name, cmdline) == "dashboard/dashboard.py" and p != DASHBOARD_METRICS_PORT]
     assert dashboard and all(is_loopback(h) for h, _ in dashboard), dashboard
     off_loopback = {(h, p): owner for (h, p), owner in seen.items() if not is_loopback(h)}
     driver = [hp for hp, (name, _) in off_loopback.items() if name == "driver"]
