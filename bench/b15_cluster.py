@@ -27,10 +27,12 @@ from tests.ray_cluster import BIN, LocalCluster
 
 
 def measure(tmp: Path, started: float) -> dict:
+    import yaml
+
     from pipeline import tracking
 
     client = tracking.client(f"sqlite:///{tmp / 'mlruns.db'}")
-    exp = client.search_experiments()[-1]
+    exp = client.get_experiment_by_name(yaml.safe_load((tmp / "c.yaml").read_text())["tracking"]["experiment_name"])
     trials = client.search_runs([exp.experiment_id], "tags.`loraforge.kind` = 'trial'")
     first_step = min(m.timestamp for t in trials for m in client.get_metric_history(t.info.run_id, "train_loss")) / 1000
     overheads = []

@@ -748,8 +748,8 @@ class RaySpec(StrictModel):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local instance (default: all).")
     storage_path: Path | str = Field(Path("loraforge_results"), description=(
         "Where Ray Tune/Train keep trial state and checkpoints: a folder every node can write (local, NFS, a "
-        "mounted volume). A URI (s3://, gs://) is kept as written, never resolved as a path; see README "
-        "\"Shared storage\" for what works on one today."))
+        "mounted volume), or an object store URI (s3://bucket/prefix, gs://...; pyarrow's options as a query, "
+        "e.g. ?endpoint_override=host:port&scheme=http), kept as written. Credentials come from the environment."))
     warm_workers: bool = Field(True, description=(
         "Local instance only: start the next trials' worker processes (training stack imported) while "
         "the current ones train, so a trial does not wait for Python to start (see pipeline/warmpool.py)."))

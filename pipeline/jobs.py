@@ -245,7 +245,8 @@ def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Pat
         uploaded[key] = rel.as_posix()
     from pipeline import preflight
 
-    problems += preflight.check_storage(config)
+    # the bucket is the cluster's to reach (its nodes may hold credentials this machine lacks)
+    problems += preflight.check_storage(config, reach=False)
     forward = list(forward_secrets)
     for name in forward:
         if not env.get(name):

@@ -185,16 +185,41 @@ def check_strategies(trial_configs: list[ExperimentConfig]) -> tuple[list[str], 
     return list(dict.fromkeys(problems)), list(dict.fromkeys(warnings))
 
 
-def check_storage(config: ExperimentConfig) -> list[str]:
-    """A URI storage path is kept as written (never resolved), but the sweep cannot use one yet."""
+# the object stores and cluster filesystems pyarrow.fs.FileSystem.from_uri opens
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
+
+
+def check_storage(config: ExperimentConfig, reach: bool = True) -> list[str]:
+    """A storage URI: a filesystem pyarrow knows, a scheduler that works on it, and (with `reach`) its
+    bucket reachable with this machine's credentials. A local folder needs nothing here."""
     storage = config.ray.storage_path
     if not is_uri(storage):
         return []
-    return [f"ray.storage_path={storage}: checkpoints on an object store are not supported yet (loraforge reads each "
-            "trial's checkpoints back from a filesystem to choose, register and resume them); give a folder every "
-            "node mounts (NFS, a ReadWriteMany PVC: cluster/kuberay/storage.yaml, or the bucket mounted with "
-            "mountpoint-s3 or s3fs-fuse). MLflow artifacts can live in the bucket: mlflow server --artifacts-destination "
-            f"{storage.split('://')[0]}://..."]
+    from pipeline.storage import Storage
+
+    problems = []
+    if config.sweep.scheduler == "pbt":
+        problems.append(f"sweep.scheduler: pbt copies checkpoints between trials on a filesystem, but ray.storage_path="
+                        f"{storage} is an object store; use asha, median or fifo there, or give ray.storage_path a folder "
+                        "every node mounts (NFS, a ReadWriteMany PVC: cluster/kuberay/storage.yaml)")
+    scheme = storage.split("://", 1)[0].lower()
+    if scheme not in STORAGE_SCHEMES:
+        return problems + [f"ray.storage_path={storage}: pyarrow cannot open {scheme}:// storage; give a folder, "
+                           "s3://bucket/prefix (options as a query, e.g. ?endpoint_override=host:port&scheme=http) "
+                           "or gs://bucket/prefix"]
+    if not reach:
+        return problems
+    # opening an s3:// URI already asks the bucket for its region: a network call, hence only here
+    bucket = storage.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+    try:
+        found = Storage.of(storage).exists(bucket)
+    except (OSError, ValueError) as err:
+        return problems + [f"ray.storage_path={storage}: cannot reach the bucket {bucket!r} ({str(err).strip()}); "
+                           "check the endpoint and the credentials in the environment (AWS_ACCESS_KEY_ID, "
+                           "AWS_SECRET_ACCESS_KEY, an instance role)"]
+    if not found:
+        problems.append(f"ray.storage_path={storage}: the bucket {bucket!r} does not exist; create it first")
+    return problems
 
 
 def check(config: ExperimentConfig, trial_configs: list[ExperimentConfig]) -> DataSummary:

@@ -55,6 +55,17 @@ def set_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def outbox_dir(config: ExperimentConfig) -> Path:
+    """Where trials queue MLflow writes while the server is unreachable (pipeline.outbox): tracking.outbox_dir,
+    else beside the checkpoints. The outbox is plain files, so with checkpoints on an object store the default
+    is a local folder; a multi-node cluster then needs tracking.outbox_dir on storage every node mounts."""
+    if config.tracking.outbox_dir is not None:
+        return config.tracking.outbox_dir
+    if isinstance(config.ray.storage_path, Path):
+        return config.ray.storage_path / "mlflow_outbox"
+    return Path("loraforge_results", "mlflow_outbox").resolve()
+
+
 def connect_ray(config: ExperimentConfig) -> bool:
     """Join `ray.address` (RAY_ADDRESS already folded into the config) or start a local instance.
 
@@ -91,7 +102,7 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     resume_dir, parent_run_id = None, None
     if resume:
         resume_dir = sweep.find_resumable(config)
-        state = json.loads((resume_dir / sweep.RUN_STATE).read_text())
+        state = sweep.read_run_state(config, resume_dir)
         stored = ExperimentConfig.model_validate(state["config"])
         if stored.model_dump(mode="json") != config.model_dump(mode="json"):
             log.warning("--resume: continuing %s with the config it started with, not the one given now", resume_dir)
@@ -104,7 +115,7 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
                                        config.tracking.registered_model_name)
     if config.tracking.tracking_uri.startswith(("http://", "https://")):
         # set before Ray starts: every trial worker inherits it (pipeline.outbox)
-        os.environ[outbox.ENV_VAR] = str(config.tracking.outbox_dir or config.ray.storage_path / "mlflow_outbox")
+        os.environ[outbox.ENV_VAR] = str(outbox_dir(config))
     started_local = connect_ray(config)
     concurrency = sweep.plan_concurrency(trial_configs, sweep.cluster_resources(), config.sweep.max_concurrent_trials)
     trial_count = config.sweep.trial_count()
@@ -144,7 +155,7 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
 
 def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str, parent_run_id: str,
                 data_summary: preflight.DataSummary, concurrency: int, reports_dir: Path | None,
-                resume_dir: Path | None, lineage: dict[str, Any]) -> PipelineResult:
+                resume_dir: str | None, lineage: dict[str, Any]) -> PipelineResult:
     sweep_result = sweep.run_sweep(
         config, experiment_id=experiment_id, parent_run_id=parent_run_id,
         num_train_examples=data_summary.train_rows, concurrency=concurrency, resume_dir=resume_dir, lineage=lineage,

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline import checkpoint as ckpt
 from pipeline import adapters, data, redact, tracking, warmpool
+from pipeline.storage import Storage
 from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
 
 # The trial's own actor only builds a trainer and waits; it gets no CPU so that all
@@ -184,8 +185,11 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     trial = {"experiment_id": setup["experiment_id"], "parent_run_id": setup["parent_run_id"],
              "trial_id": trial_id, "trial_name": trial_name, "sampled": sampled, "started": trial_started,
              "lineage": setup.get("lineage")}
-    # names come from the trial id (and its PBT generation) so a restored sweep finds the same Train run
-    run_dir, pbt_start = train_run_dir(Path(setup["train_storage_path"]), trial_id)
+    # names come from the trial id (and its PBT generation) so a restored sweep finds the same Train run;
+    # PBT (local storage only) may have moved the trial to a later generation
+    remote_fs = setup["storage_filesystem"]
+    run_dir, pbt_start = ((Path(f"train-{trial_id}"), None) if remote_fs is not None
+                          else train_run_dir(Path(setup["train_storage_path"]), trial_id))
     if pbt_start is not None:
         # the copy a PBT generation starts from (used only while its run has no checkpoint of its own),
         # and where it came from, for the trial's MLflow run
@@ -205,6 +209,7 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
         run_config=ray.train.RunConfig(
             name=run_dir.name,
             storage_path=setup["train_storage_path"],
+            storage_filesystem=remote_fs,
             callbacks=[TuneReportCallback()],
             # workers started ahead by the warm pool have this runtime env (and the stack imported)
             worker_runtime_env={"env_vars": warmpool.WORKER_ENV_VARS} if setup["warm_pool"] else None,
@@ -270,19 +275,21 @@ def _complete(checkpoint_dir: Path) -> bool:
     return not ckpt.verify(checkpoint_dir)
 
 
-def _trained_epochs(run_dir: Path) -> float:
+def _trained_epochs(store: Storage, run_dir: str) -> float:
     """How many epochs the newest complete checkpoint of a Train run had trained (0 if none)."""
-    epochs = [adapters.read_metadata(d).get("metrics", {}).get("epoch", 0.0)
-              for d in run_dir.glob("checkpoint_*") if _complete(d)]
+    epochs = [adapters.read_metadata(local).get("metrics", {}).get("epoch", 0.0)
+              for local in map(store.local, store.dirs(run_dir, "checkpoint_*")) if _complete(local)]
     return max(epochs, default=0.0)
 
 
-def best_complete_checkpoint(run_dir: Path, metric: str, mode: str) -> tuple[Path, float] | None:
-    """The best checkpoint of a Train run whose files are all there, by the metric saved inside it."""
+def best_complete_checkpoint(store: Storage, run_dir: str, metric: str, mode: str) -> tuple[str, float] | None:
+    """The best checkpoint of a Train run (a path on `store`) whose files are all there, by the metric
+    saved inside it."""
     scored = []
-    for checkpoint_dir in sorted(run_dir.glob("checkpoint_*")):
-        if _complete(checkpoint_dir):
-            value = adapters.read_metadata(checkpoint_dir).get("metrics", {}).get(metric)
+    for checkpoint_dir in store.dirs(run_dir, "checkpoint_*"):
+        local = store.local(checkpoint_dir)
+        if _complete(local):
+            value = adapters.read_metadata(local).get("metrics", {}).get(metric)
             if value is not None:
                 scored.append((checkpoint_dir, float(value)))
     if not scored:
@@ -310,6 +317,13 @@ def train_run_dir(train_storage_path: Path, trial_id: str) -> tuple[Path, Path |
     if latest is None:
         return train_storage_path / f"train-{trial_id}", None
     return train_storage_path / latest.parent.name, latest
+
+
+def trial_run_path(store: Storage, train_storage_path: str, trial_id: str) -> str:
+    """`train_run_dir`'s Train run as a path on `store` (PBT, which moves trials, needs local storage)."""
+    if store.remote:
+        return f"{train_storage_path}/train-{trial_id}"
+    return str(train_run_dir(Path(train_storage_path), trial_id)[0])
 
 
 def _pbt_generation(run_name: str) -> int:
@@ -388,9 +402,8 @@ def make_pbt(sweep: Any, train_storage_path: Path) -> Any:
     )
 
 
-def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str,
-                   train_storage_path: Path, lineage: dict[str, Any] | None = None) -> Any:
-    from ray.train import Checkpoint
+def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, store: Storage,
+                   train_storage_path: str, lineage: dict[str, Any] | None = None) -> Any:
     from ray.tune import Callback
 
     metric, mode = config.sweep.metric, config.sweep.mode
@@ -438,13 +451,13 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             mlflow_client = tracking.client(config.tracking.tracking_uri)
             # finished = trained all its epochs (a trial resumed after a driver restart reports fewer times)
             epochs = config.trial_config(summary.sampled).train.epochs
-            run_dir, _ = train_run_dir(train_storage_path, trial.trial_id)
+            run_dir = trial_run_path(store, train_storage_path, trial.trial_id)
             if "epoch" not in summary.last_result and status != "FAILED":
                 # a trial restored at its very end (the driver died before Tune saved it as finished)
                 # reruns no step and reports nothing: its checkpoints on storage say how far it got
-                summary.last_result["epoch"] = _trained_epochs(run_dir)
-                if summary.best_checkpoint is None and (best := best_complete_checkpoint(run_dir, metric, mode)):
-                    summary.best_checkpoint, summary.best_metric = str(best[0]), best[1]
+                summary.last_result["epoch"] = _trained_epochs(store, run_dir)
+                if summary.best_checkpoint is None and (best := best_complete_checkpoint(store, run_dir, metric, mode)):
+                    summary.best_checkpoint, summary.best_metric = best
             trained_all = summary.last_result.get("epoch", 0) >= epochs - 1e-9
             match status:
                 case "FAILED":
@@ -462,18 +475,18 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             if error:
                 mlflow_client.set_tag(summary.run_id, "loraforge.error", redact.redact_text(error)[-5000:])
             attach = bool(summary.best_checkpoint) and status != "FAILED"
-            if attach and not _complete(Path(summary.best_checkpoint)):
+            if attach and not _complete(store.local(summary.best_checkpoint)):
                 # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
                 # half-copied or corrupt: fall back to the best verified one on storage, never to nothing
-                fallback = best_complete_checkpoint(run_dir, metric, mode)
+                fallback = best_complete_checkpoint(store, run_dir, metric, mode)
                 mlflow_client.set_tag(summary.run_id, "loraforge.ckpt_fallback", str(fallback))
-                summary.best_checkpoint, summary.best_metric = (str(fallback[0]), fallback[1]) if fallback else (None, None)
+                summary.best_checkpoint, summary.best_metric = fallback if fallback else (None, None)
                 attach = fallback is not None
             best = {metric: summary.best_metric} if summary.best_metric is not None else {}
             best["wall_time_s"] = summary.wall_s
             if attach:
-                with Checkpoint(summary.best_checkpoint).as_directory() as adapter_dir:
-                    tracking.finish_trial_run(mlflow_client, summary.run_id, status, Path(adapter_dir), best)
+                # on an object store: the checkpoint downloaded once (pipeline.storage)
+                tracking.finish_trial_run(mlflow_client, summary.run_id, status, store.local(summary.best_checkpoint), best)
             else:
                 tracking.finish_trial_run(mlflow_client, summary.run_id, status, None, best)
 
@@ -495,12 +508,12 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
     return TrialRunCallback()
 
 
-def unique_run_name(storage_path: Path, name: str) -> str:
+def unique_run_name(store: Storage, name: str) -> str:
     """`name`, or `name-2`, `name-3` ... if an earlier sweep already used it (never silently reuse state)."""
-    if not (storage_path / name).exists():
+    if not store.exists(store.path(name)):
         return name
     for n in itertools.count(2):
-        if not (storage_path / f"{name}-{n}").exists():
+        if not store.exists(store.path(f"{name}-{n}")):
             return f"{name}-{n}"
     raise AssertionError("unreachable")
 
@@ -553,32 +566,39 @@ def make_scheduler(sweep: Any, max_t: int, train_storage_path: Path | None = Non
 RUN_STATE = "loraforge_run.json"
 
 
-def write_run_state(run_dir: Path, experiment_id: str, parent_run_id: str, config: ExperimentConfig) -> None:
+def write_run_state(store: Storage, run_dir: str, experiment_id: str, parent_run_id: str, config: ExperimentConfig) -> None:
     """What `--resume` needs besides Tune's own state: the MLflow ids and the config the sweep ran with."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_STATE).write_text(json.dumps({
+    store.mkdirs(run_dir)
+    store.write_text(f"{run_dir}/{RUN_STATE}", json.dumps({
         "experiment_id": experiment_id, "parent_run_id": parent_run_id, "config": config.model_dump(mode="json"),
     }, indent=1))
 
 
-def find_resumable(config: ExperimentConfig) -> Path:
-    """The newest sweep directory of this experiment that Tune can restore; ConfigError if none."""
+def read_run_state(config: ExperimentConfig, run_dir: str) -> dict[str, Any]:
+    return json.loads(Storage.of(config.ray.storage_path).read_text(f"{run_dir}/{RUN_STATE}"))
+
+
+def find_resumable(config: ExperimentConfig) -> str:
+    """The newest sweep directory of this experiment that Tune can restore (a path on the sweep's
+    storage); ConfigError if none."""
     import re
 
     from ray import tune
 
-    storage = config.ray.storage_path
+    store = Storage.of(config.ray.storage_path)
     pattern = re.compile(re.escape(config.name) + r"(-\d+)?")
-    runs = [d for d in storage.glob(f"{config.name}*") if pattern.fullmatch(d.name) and (d / RUN_STATE).is_file()]
-    runs = [d for d in sorted(runs, key=lambda d: (d / RUN_STATE).stat().st_mtime, reverse=True) if tune.Tuner.can_restore(str(d))]
+    runs = [d for d in store.dirs(store.root, f"{config.name}*")
+            if pattern.fullmatch(Path(d).name) and store.is_file(f"{d}/{RUN_STATE}")]
+    runs = [d for d in sorted(runs, key=lambda d: store.mtime(f"{d}/{RUN_STATE}"), reverse=True)
+            if tune.Tuner.can_restore(d, storage_filesystem=store.fs if store.remote else None)]
     if not runs:
-        raise ConfigError([f"--resume: no interrupted sweep named {config.name!r} under ray.storage_path={storage}; "
+        raise ConfigError([f"--resume: no interrupted sweep named {config.name!r} under ray.storage_path={store.written}; "
                            "run without --resume to start one"])
     return runs[0]
 
 
 def _summary_from_tracking(config: ExperimentConfig, experiment_id: str, parent_run_id: str, trial_id: str,
-                           sampled: dict[str, Any], train_storage_path: Path) -> TrialSummary:
+                           sampled: dict[str, Any], store: Storage, train_storage_path: str) -> TrialSummary:
     """A trial that finished before the driver was restarted: rebuilt from MLflow and checkpoint storage."""
     mlflow_client = tracking.client(config.tracking.tracking_uri)
     summary = TrialSummary(trial_id, f"trial_{trial_id}", sampled, finished=True)
@@ -588,16 +608,17 @@ def _summary_from_tracking(config: ExperimentConfig, experiment_id: str, parent_
         summary.status = run.data.tags.get("loraforge.trial_status", "DONE")
         summary.wall_s = run.data.metrics.get("best_wall_time_s", 0.0)
         summary.last_result = {"trainable_params": run.data.params.get("trainable_params")}
-    best = best_complete_checkpoint(train_run_dir(train_storage_path, trial_id)[0], config.sweep.metric, config.sweep.mode)
+    best = best_complete_checkpoint(store, trial_run_path(store, train_storage_path, trial_id),
+                                    config.sweep.metric, config.sweep.mode)
     if best is not None and summary.status != "ERROR":
-        summary.best_checkpoint, summary.best_metric = str(best[0]), best[1]
-        summary.last_result["step"] = ckpt.step_of(best[0])
+        summary.best_checkpoint, summary.best_metric = best
+        summary.last_result["step"] = ckpt.step_of(store.local(best[0]))
     return summary
 
 
 def run_sweep(
     config: ExperimentConfig, *, experiment_id: str, parent_run_id: str, num_train_examples: int, concurrency: int,
-    resume_dir: Path | None = None, lineage: dict[str, Any] | None = None,
+    resume_dir: str | None = None, lineage: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Run every trial of the sweep under Tune and return their summaries, best first by the metric.
 
@@ -615,18 +636,21 @@ def run_sweep(
 
         search_alg = OptunaSearch(seed=config.train.seed)
 
-    storage_path = config.ray.storage_path
-    storage_path.mkdir(parents=True, exist_ok=True)
-    run_name = resume_dir.name if resume_dir else unique_run_name(storage_path, config.name)
-    train_storage_path = storage_path / run_name / "train"
-    scheduler = make_scheduler(sweep, max_t, train_storage_path)
-    write_run_state(storage_path / run_name, experiment_id, parent_run_id, config)
-    callback = _make_callback(config, experiment_id, parent_run_id, train_storage_path, lineage)
+    # a folder, or an object store that Tune and Train reach through the same pyarrow filesystem
+    store = Storage.of(config.ray.storage_path)
+    remote_fs = store.fs if store.remote else None
+    store.mkdirs(store.root)
+    run_name = Path(resume_dir).name if resume_dir else unique_run_name(store, config.name)
+    train_storage_path = store.path(run_name, "train")
+    scheduler = make_scheduler(sweep, max_t, Path(train_storage_path))
+    write_run_state(store, store.path(run_name), experiment_id, parent_run_id, config)
+    callback = _make_callback(config, experiment_id, parent_run_id, store, train_storage_path, lineage)
     setup = {
         "experiment": config.model_dump(mode="json"),
         "experiment_id": experiment_id,
         "parent_run_id": parent_run_id,
-        "train_storage_path": str(train_storage_path),
+        "train_storage_path": train_storage_path,
+        "storage_filesystem": remote_fs,
         "warm_pool": warmpool.current() is not None,
         "lineage": lineage,
     }
@@ -637,7 +661,8 @@ def run_sweep(
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_ACTOR_RESOURCES)
     if resume_dir is not None:
-        tuner = tune.Tuner.restore(str(resume_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(resume_dir, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=remote_fs)
         # the run config comes back from Tune's pickle with a stale copy of the callback; use this one
         tuner._local_tuner.get_run_config().callbacks[:] = [callback]
         results = tuner.fit()
@@ -646,7 +671,7 @@ def run_sweep(
             if trial_id not in callback.trials:
                 callback.trials[trial_id] = _summary_from_tracking(
                     config, experiment_id, parent_run_id, trial_id,
-                    {_path(k): v for k, v in (result.config or {}).items()}, train_storage_path)
+                    {_path(k): v for k, v in (result.config or {}).items()}, store, train_storage_path)
         return _sweep_result(config, run_name, list(callback.trials.values()), started)
     tuner = tune.Tuner(
         trainable,
@@ -659,7 +684,8 @@ def run_sweep(
         ),
         # a trial whose node died (its Train controller with it) starts again; its Train run resumes from
         # the last checkpoint on ray.storage_path
-        run_config=tune.RunConfig(name=run_name, storage_path=str(storage_path), callbacks=[callback], verbose=1,
+        run_config=tune.RunConfig(name=run_name, storage_path=store.root, storage_filesystem=remote_fs,
+                                  callbacks=[callback], verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=config.train.max_failures)),
     )
     tuner.fit()

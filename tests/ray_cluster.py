@@ -134,9 +134,11 @@ class LocalCluster:
     def stop(self) -> None:
         # `ray stop` on this cluster's HOME, then anything of its temp dirs still alive
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env(), capture_output=True, timeout=120)
-        roots = [str(n.temp_dir) for n in self.nodes]
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(r in " ".join(proc.info["cmdline"] or []) for r in roots):
+        # a job's driver (`python jobs/sweep.py`, run by its supervisor actor) names no temp dir, but it
+        # runs in the job's working dir under one: left alive it would load the machine for later tests
+        root = f"{self.short}/"  # every node's temp dir is under it, a killed node's too
+        for proc in psutil.process_iter(["cmdline", "cwd"]):
+            if root in " ".join(proc.info["cmdline"] or []) or (proc.info["cwd"] or "").startswith(root):
                 try:
                     proc.kill()
                 except psutil.NoSuchProcess:

@@ -17,7 +17,13 @@ from pipeline import adapters
 from pipeline import checkpoint as ckpt
 from pipeline.config import load_config
 from pipeline.strategies import PlainLora, Worker
-from pipeline.sweep import best_complete_checkpoint
+from pipeline.storage import Storage
+from pipeline.sweep import best_complete_checkpoint as _best
+
+
+def best_complete_checkpoint(run_dir: Path, metric: str, mode: str):
+    found = _best(Storage.of(run_dir), str(run_dir), metric, mode)
+    return (Path(found[0]), found[1]) if found else None
 from pipeline.train import _write_checkpoint
 from tests.conftest import minilm_config, write_yaml
 

@@ -68,6 +68,18 @@ def test_an_input_outside_the_upload_is_refused_by_key_unless_on_the_cluster_or_
                                working_dir=workdir, env=env_for(workdir))
     assert "data.train_path" not in uri.uploaded
 
+    # checkpoints on a bucket: the cluster reaches it with its own credentials, which travel by name only
+    secret = "aws-secret-" * 3
+    on_s3 = jobs.plan_submission(workdir / "configs" / "exp.yaml", ["ray.storage_path=s3://bucket/sweeps"],
+                                 working_dir=workdir, env=env_for(workdir, AWS_SECRET_ACCESS_KEY=secret))
+    assert "ray.storage_path=s3://bucket/sweeps" in on_s3.entrypoint
+    assert on_s3.runtime_env["env_vars"][jobs.SECRET_NAMES_VAR] == "AWS_SECRET_ACCESS_KEY"
+    assert secret not in json.dumps(on_s3.__dict__)
+    with pytest.raises(jobs.JobsError, match="sweep.scheduler: pbt copies checkpoints"):
+        jobs.plan_submission(workdir / "configs" / "exp.yaml", ["ray.storage_path=s3://bucket/sweeps", "sweep.scheduler=pbt",
+                                                                "sweep.parameters.train.lr={grid: [0.001, 0.003]}"],
+                             working_dir=workdir, env=env_for(workdir))
+
     with pytest.raises(jobs.JobsError, match="--on-cluster data.train_pth: not an input path"):
         jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir, env=env_for(workdir),
                              on_cluster=["data.train_pth"])

@@ -1,5 +1,6 @@
-"""An object store on loopback (moto's S3 server): MLflow artifacts in a bucket through the tracking
-server, registry loading from there, and `ray.storage_path` URIs kept as written and refused clearly."""
+"""An object store on loopback (moto's S3 server): a sweep whose checkpoints and Tune state are in a bucket
+(`ray.storage_path=s3://...`), resumed from there, with MLflow artifacts in the same bucket through the
+tracking server and the registry loading from it; bad storage URIs named before any work."""
 
 from __future__ import annotations
 
@@ -48,7 +49,15 @@ def bucket_objects(endpoint: str) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
 
 
-def test_mlflow_artifacts_go_to_the_bucket_and_the_registry_loads_from_it(tmp_path: Path, sst2_small, s3, mlflow_server):
+def storage_uri(endpoint: str, prefix: str) -> str:
+    """A `ray.storage_path` on the loopback bucket, the endpoint in pyarrow's URI options."""
+    return f"s3://{BUCKET}/{prefix}?endpoint_override={endpoint.removeprefix('http://')}&scheme=http"
+
+
+def test_a_sweep_on_the_bucket_checkpoints_resumes_and_registers_from_it(tmp_path: Path, sst2_small, s3, mlflow_server,
+                                                                          monkeypatch):
+    """Checkpoints and Tune state on S3 (ray.storage_path), MLflow artifacts in the same bucket through the
+    tracking server; `--resume` reads the trials back from the bucket and the registry loads from it."""
     import ray
 
     from pipeline.run import run_pipeline
@@ -58,17 +67,28 @@ def test_mlflow_artifacts_go_to_the_bucket_and_the_registry_loads_from_it(tmp_pa
                           artifacts_destination=f"s3://{BUCKET}/mlflow",
                           extra_env={**AWS, "MLFLOW_S3_ENDPOINT_URL": s3})
     server.start()
+    # the trials' checkpoints need the bucket's credentials (from the environment, as on a real cluster);
+    # MLflow artifacts still go through the server (the experiment's location is mlflow-artifacts:)
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LORAFORGE_STORAGE_CACHE", str(tmp_path / "cache"))
     try:
-        raw = minilm_config(tmp_path, sst2_small)
+        raw = minilm_config(tmp_path, sst2_small, sweep={"parameters": {"lora.r": {"grid": [2, 4]}}})
+        raw["name"] = "on-s3"
+        raw["ray"]["storage_path"] = storage_uri(s3, "ray")
         raw["tracking"] = {"tracking_uri": server.uri, "experiment_name": "s3-sweeps", "registered_model_name": "s3-lora",
                            "system_metrics_interval_s": 0}
         config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+        assert config.ray.storage_path == raw["ray"]["storage_path"]  # kept as written, query and all
         if ray.is_initialized():
             ray.shutdown()
-        # the trials hold no AWS credentials: every artifact goes through the server (mlflow-artifacts:)
-        with env({**server.admin(), **{k: None for k in AWS}}):
+        with env(server.admin()):
             try:
                 result = run_pipeline(config)
+                after_sweep = bucket_objects(s3)
+                # --resume of the finished sweep: Tune restores it from the bucket, every trial is read back
+                # from its checkpoints there, and the winner is registered again
+                resumed = run_pipeline(config, resume=True)
             finally:
                 ray.shutdown()
                 os.environ.pop(outbox.ENV_VAR, None)
@@ -77,22 +97,48 @@ def test_mlflow_artifacts_go_to_the_bucket_and_the_registry_loads_from_it(tmp_pa
     finally:
         server.kill()
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
-    objects = bucket_objects(s3)
     assert not list(server.artifacts.rglob("*.safetensors"))  # nothing on the server's disk
-    names = {Path(k).name for k in objects}
-    assert {"adapter_model.safetensors", "adapter_config.json", "MLmodel", "config.yaml", "report.md"} <= names
-    # the registered version, loaded back through the server, is the bucket's bytes
-    in_bucket = [v for k, v in objects.items() if k.endswith("artifacts/adapter/adapter_model.safetensors")]
-    assert (adapter / "adapter_model.safetensors").read_bytes() in in_bucket
-    assert result.model_version == "1"
+    assert not (tmp_path / "ray_results").exists()  # nor on this one: checkpoints and Tune state are in the bucket
+
+    keys = list(after_sweep)
+    assert any(k.startswith("ray/on-s3/experiment_state-") for k in keys), keys
+    assert "ray/on-s3/loraforge_run.json" in keys
+    for trial in result.sweep.trials:
+        checkpoints = [k for k in keys if k.startswith(f"ray/on-s3/train/train-{trial.trial_id}/checkpoint_")
+                       and k.endswith("/adapter_model.safetensors")]
+        assert len(checkpoints) >= 1, (trial.trial_id, keys)
+    best = result.sweep.best
+    assert best.best_checkpoint.startswith(f"{BUCKET}/ray/on-s3/train/train-{best.trial_id}/checkpoint_")
+    # the registered version, loaded back through the server, is the bucket's bytes, which are the checkpoint's
+    best_bytes = after_sweep[best.best_checkpoint.removeprefix(f"{BUCKET}/") + "/adapter_model.safetensors"]
+    in_mlflow = [v for k, v in after_sweep.items() if k.startswith("mlflow/") and k.endswith("artifacts/adapter/adapter_model.safetensors")]
+    assert best_bytes in in_mlflow
+    names = {Path(k).name for k in after_sweep}
+    assert {"adapter_config.json", "MLmodel", "config.yaml", "report.md"} <= names
+
+    assert result.model_version == "1" and resumed.model_version == "2"
+    assert {t.trial_id: t.best_metric for t in resumed.sweep.trials} == {t.trial_id: t.best_metric for t in result.sweep.trials}
+    assert resumed.sweep.best.best_checkpoint == best.best_checkpoint
+    assert (adapter / "adapter_model.safetensors").read_bytes() == best_bytes
 
 
-def test_a_storage_uri_is_kept_as_written_and_refused_before_any_work(tmp_path: Path, sst2_small):
+def test_storage_uri_problems_are_named_before_any_work(tmp_path: Path, sst2_small, s3, monkeypatch):
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
     raw = minilm_config(tmp_path, sst2_small)
-    raw["ray"]["storage_path"] = f"s3://{BUCKET}/ray"
-    path = write_yaml(tmp_path / "c.yaml", raw)
-    assert load_config(path, env={}).ray.storage_path == f"s3://{BUCKET}/ray"  # not mangled into s3:/...
-    result = CliRunner().invoke(app, ["run", str(path)])
-    assert result.exit_code == 2, result.output
-    assert f"ray.storage_path=s3://{BUCKET}/ray: checkpoints on an object store are not supported yet" in result.output
+    cases = {
+        "no-such-bucket": (storage_uri(s3, "ray").replace(BUCKET, "no-such-bucket"), {},
+                           "the bucket 'no-such-bucket' does not exist"),
+        "pbt": (storage_uri(s3, "ray"), {"scheduler": "pbt", "parameters": {"train.lr": {"grid": [1e-3, 3e-3]}}},
+                "sweep.scheduler: pbt copies checkpoints between trials on a filesystem"),
+        "unknown scheme": ("nosuchfs://bucket/x", {}, "pyarrow cannot open nosuchfs:// storage"),
+    }
+    for name, (uri, sweep, expected) in cases.items():
+        raw["ray"]["storage_path"] = uri
+        raw["sweep"] = {"searcher": "grid", "scheduler": "fifo", "parameters": {}, **sweep}
+        path = write_yaml(tmp_path / f"{name}.yaml", raw)
+        assert load_config(path, env={}).ray.storage_path == uri  # not mangled into s3:/...
+        result = CliRunner().invoke(app, ["run", str(path)])
+        assert result.exit_code == 2, (name, result.output)
+        assert expected in result.output and "Traceback" not in result.output, (name, result.output)
     assert not (tmp_path / "mlruns.db").exists()  # refused before MLflow or Ray was touched
