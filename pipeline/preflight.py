@@ -210,13 +210,14 @@ def check_storage(config: ExperimentConfig, reach: bool = True) -> list[str]:
     if not reach:
         return problems
     # opening an s3:// URI already asks the bucket for its region: a network call, hence only here
-    bucket = storage.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
     try:
-        found = Storage.of(storage).exists(bucket)
+        store = Storage.of(storage)
+        bucket = store.root.split("/", 1)[0]
+        found = store.exists(bucket)
     except (OSError, ValueError) as err:
-        return problems + [f"ray.storage_path={storage}: cannot reach the bucket {bucket!r} ({str(err).strip()}); "
-                           "check the endpoint and the credentials in the environment (AWS_ACCESS_KEY_ID, "
-                           "AWS_SECRET_ACCESS_KEY, an instance role)"]
+        return problems + [f"ray.storage_path={storage}: cannot reach its bucket ({str(err).strip()}); check the "
+                           "endpoint and the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                           "an instance role)"]
     if not found:
         problems.append(f"ray.storage_path={storage}: the bucket {bucket!r} does not exist; create it first")
     return problems

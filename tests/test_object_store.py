@@ -131,6 +131,7 @@ def test_storage_uri_problems_are_named_before_any_work(tmp_path: Path, sst2_sma
                            "the bucket 'no-such-bucket' does not exist"),
         "pbt": (storage_uri(s3, "ray"), {"scheduler": "pbt", "parameters": {"train.lr": {"grid": [1e-3, 3e-3]}}},
                 "sweep.scheduler: pbt copies checkpoints between trials on a filesystem"),
+        "unreachable": (storage_uri("http://127.0.0.1:9", "ray"), {}, "cannot reach its bucket"),
         "unknown scheme": ("nosuchfs://bucket/x", {}, "pyarrow cannot open nosuchfs:// storage"),
     }
     for name, (uri, sweep, expected) in cases.items():
