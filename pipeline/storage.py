@@ -88,8 +88,6 @@ class Storage:
         """The folders directly in `path` whose names match `pattern`, sorted; [] when `path` is absent."""
         import pyarrow.fs
 
-        if not self.exists(path):
-            return []
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
         return sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
                       and fnmatch.fnmatch(PurePosixPath(i.path).name, pattern))
