@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import evaluate, outbox, preflight, report, sweep, tracking, warmpool
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, RaySpec
 
 log = logging.getLogger("loraforge")
 
@@ -63,7 +63,7 @@ def outbox_dir(config: ExperimentConfig) -> Path:
         return config.tracking.outbox_dir
     if isinstance(config.ray.storage_path, Path):
         return config.ray.storage_path / "mlflow_outbox"
-    return Path("loraforge_results", "mlflow_outbox").resolve()
+    return Path(RaySpec.model_fields["storage_path"].default, "mlflow_outbox").resolve()  # the default folder
 
 
 def connect_ray(config: ExperimentConfig) -> bool:
