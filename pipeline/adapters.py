@@ -153,14 +153,19 @@ def attach_lora(base_model: nn.Module, lora_spec: LoraSpec, data_spec: Any) -> n
     """Wrap `base_model` with LoRA; only the adapters (and the task head for classification) train."""
     from peft import get_peft_model
 
-    modules_to_save = lora_spec.modules_to_save
-    if modules_to_save is None and is_classification(data_spec):
+    model_type = getattr(base_model.config, "model_type", "")
+    return get_peft_model(base_model, lora_config(lora_spec, data_spec, modules_to_save(base_model, lora_spec, data_spec),
+                                                  model_type))
+
+
+def modules_to_save(base_model: nn.Module, lora_spec: LoraSpec, data_spec: Any) -> list[str] | None:
+    """Modules trained in full beside the adapter: `lora.modules_to_save`, else a classifier's head and pooler."""
+    if lora_spec.modules_to_save is None and is_classification(data_spec):
         # The base checkpoint has no trained head (and MiniLM no trained pooler), so
         # both train in full and are saved with the adapter; otherwise a user loading
         # the adapter would get a freshly random head.
-        modules_to_save = head_modules(base_model)
-    model_type = getattr(base_model.config, "model_type", "")
-    return get_peft_model(base_model, lora_config(lora_spec, data_spec, modules_to_save, model_type))
+        return head_modules(base_model)
+    return lora_spec.modules_to_save
 
 
 def trainable_parameters(model: nn.Module) -> int:

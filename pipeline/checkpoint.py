@@ -143,9 +143,20 @@ def verify(directory: Path) -> list[str]:
     if not meta_path.is_file():
         return [f"{directory}: no {adapters.METADATA_FILE}"]
     try:
-        world_size = int(json.loads(meta_path.read_text()).get("world_size", 1))
+        meta = json.loads(meta_path.read_text())
+        world_size = int(meta.get("world_size", 1))
     except (ValueError, TypeError) as err:
         return [f"{meta_path}: unreadable ({err})"]
+    problems = _manifest_problems(directory, world_size)
+    if "pack" in meta:
+        # a packed trial's checkpoint (pipeline.pack_train): one ordinary checkpoint per config evaluated at this step
+        for name in meta["pack"]["saved"]:
+            problems += verify(directory / name)
+        return problems
+    return problems + adapter_problems(directory)
+
+
+def _manifest_problems(directory: Path, world_size: int) -> list[str]:
     problems = []
     for rank in range(world_size):
         manifest = directory / manifest_file(rank)
@@ -158,7 +169,7 @@ def verify(directory: Path) -> list[str]:
                 problems.append(f"{path}: listed in {manifest.name} but missing")
             elif path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
                 problems.append(f"{path}: sha256 does not match {manifest.name}")
-    return problems + adapter_problems(directory)
+    return problems
 
 
 def step_of(directory: Path) -> int:

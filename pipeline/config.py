@@ -464,6 +464,16 @@ class SweepSpec(StrictModel):
     time_budget_s: float | None = Field(
         None, gt=0, description="Stop the sweep after this many seconds; the best checkpoint so far wins."
     )
+    pack_memory_gib: float | None = Field(
+        None, gt=0, description="Memory one pack may use on its device (default: its share of the node's RAM on "
+        "CPUs, 90 % of the GPU when the driver sees one); the planner packs configs up to it."
+    )
+    pack_size: int | Literal["auto"] = Field(
+        "auto", description="Configs trained together on one frozen base in one trial (pipeline.pack): k, or auto "
+        "(as many compatible configs as the memory planner fits; 1 where the sweep cannot pack: scheduler median "
+        "or pbt, searcher optuna, ZeRO-3, multi-worker trials). 1: one trial per config. In a pack, asha becomes "
+        "successive halving inside the pack at equal step budgets; fifo trains every config to the end."
+    )
 
     @model_validator(mode="after")
     def _searcher_domains(self) -> "SweepSpec":
@@ -477,6 +487,15 @@ class SweepSpec(StrictModel):
                 raise ValueError(
                     f"sweep.parameters.{path}: searcher 'optuna' cannot take `grid:`; use `choice:` instead"
                 )
+        if isinstance(self.pack_size, int) and self.pack_size < 1:
+            raise ValueError(f"sweep.pack_size: {self.pack_size} is below 1; give a number of configs >= 1, or auto")
+        if self.pack_size not in (1, "auto"):
+            if self.scheduler in ("median", "pbt"):
+                raise ValueError(f"sweep.pack_size: {self.pack_size} with scheduler {self.scheduler}, which cannot "
+                                 "judge configs inside a pack yet; set pack_size: 1 (or auto), or scheduler asha/fifo")
+            if self.searcher == "optuna":
+                raise ValueError(f"sweep.pack_size: {self.pack_size} with searcher optuna, which proposes configs one "
+                                 "at a time from earlier results; set pack_size: 1 (or auto), or searcher grid/random")
         if self.scheduler == "pbt":
             if "train.lr" not in self.parameters:
                 raise ValueError("sweep.scheduler: pbt explores train.lr; add its domain to sweep.parameters "
@@ -803,6 +822,25 @@ class ExperimentConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _packing(self) -> "ExperimentConfig":
+        """An explicit pack_size > 1 where packing cannot run (auto falls back to 1 there)."""
+        k = self.sweep.pack_size
+        if k in (1, "auto"):
+            return self
+        if self.strategy.kind == "zero3_offload":
+            raise ValueError(f"sweep.pack_size: {k} under strategy zero3_offload, whose sharded base cannot be shared "
+                             "by a pack yet; set pack_size: 1, or strategy lora or qlora")
+        if self.train.num_workers > 1:
+            raise ValueError(f"sweep.pack_size: {k} with train.num_workers={self.train.num_workers}; a pack trains on "
+                             "one worker (one device) for now: set num_workers: 1, or pack_size: 1")
+        mixed = sorted(path for path in self.sweep.parameters if path.split(".", 1)[0] in PACK_SHARED_SECTIONS)
+        if mixed:
+            raise ValueError(f"sweep.pack_size: {k} but sweep.parameters varies {', '.join(mixed)}; a pack shares one "
+                             "base model, strategy and data: set pack_size: auto (packs split by them) or 1, or sweep "
+                             "them in separate experiments")
+        return self
+
+    @model_validator(mode="after")
     def _sweep_paths(self) -> "ExperimentConfig":
         """Every swept path must name a real field, and every grid/choice value must validate there."""
         base = self.model_dump(mode="json")
@@ -840,6 +878,14 @@ class ExperimentConfig(StrictModel):
         for path, value in overrides.items():
             _set_path(data, path, value)
         return ExperimentConfig.model_validate(_without_sweep(data))
+
+
+# A pack's configs may differ in these (each adapter has its own LoRA layers, optimizer and LR schedule);
+# anything else varied splits the sweep into packs (pipeline.pack.plan).
+PACKABLE_PATHS = ("lora.", "train.lr", "train.weight_decay", "train.optimizer", "train.max_grad_norm",
+                  "train.warmup_ratio", "train.lr_scheduler")
+# what an explicit pack_size > 1 must not vary: one pack holds one base
+PACK_SHARED_SECTIONS = ("model", "strategy", "data")
 
 
 def _without_sweep(data: dict[str, Any]) -> dict[str, Any]:

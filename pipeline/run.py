@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import evaluate, outbox, preflight, report, sweep, tracking, warmpool
+from pipeline import evaluate, outbox, planner, preflight, report, sweep, tracking, warmpool
 from pipeline.config import ExperimentConfig, RaySpec
 
 log = logging.getLogger("loraforge")
@@ -117,19 +117,37 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
         # set before Ray starts: every trial worker inherits it (pipeline.outbox)
         os.environ[outbox.ENV_VAR] = str(outbox_dir(config))
     started_local = connect_ray(config)
-    concurrency = sweep.plan_concurrency(trial_configs, sweep.cluster_resources(), config.sweep.max_concurrent_trials)
+    resources = sweep.cluster_resources()
+    concurrency = sweep.plan_concurrency(trial_configs, resources, config.sweep.max_concurrent_trials)
+    packing = planner.plan(config, resources)
     trial_count = config.sweep.trial_count()
     if config.sweep.scheduler == "pbt" and trial_count > concurrency:
         # PBT compares trials at the same time; Tune would time-slice a bigger population by pausing trials
         raise ConfigError([f"sweep.scheduler: pbt trains its whole population at once, but the sweep has "
                            f"{trial_count} trials and only {concurrency} fit at a time; shrink the grid or "
                            "num_samples to at most that"])
-    log.info("sweep %s: %d trials, %d at a time, %d training rows", config.name, trial_count, concurrency, data_summary.train_rows)
-    log.info("workload: %s", sweep.workload(trial_configs, data_summary.train_rows, trial_count, concurrency,
-                                            config.sweep.time_budget_s))
+    if packing is None:
+        log.info("sweep %s: %d trials, %d at a time, %d training rows", config.name, trial_count, concurrency,
+                 data_summary.train_rows)
+        log.info("workload: %s", sweep.workload(trial_configs, data_summary.train_rows, trial_count, concurrency,
+                                                config.sweep.time_budget_s))
+        workers, tune_trials = max(c.train.num_workers for c in trial_configs), trial_count
+    else:
+        concurrency = packing.concurrency
+        halving = (f"successive halving inside each pack (grace_period {config.sweep.asha.grace_period}, "
+                   f"reduction_factor {config.sweep.asha.reduction_factor})" if config.sweep.scheduler == "asha"
+                   else "every config to the end")
+        log.info("sweep %s: %d configs in %d packs (sizes %s), %d pack(s) at a time, %d CPU(s) each; %s; "
+                 "%d training rows", config.name, trial_count, len(packing.packs),
+                 ", ".join(str(len(p)) for p in packing.packs), concurrency, packing.cpus_per_pack, halving,
+                 data_summary.train_rows)
+        for line in packing.estimate_lines:
+            log.info("memory planner: %s", line)
+        workers, tune_trials = 1, len(packing.packs)
     warmpool.deactivate()
     if started_local and config.ray.warm_workers:
-        warmpool.activate(max(c.train.num_workers for c in trial_configs), trial_count, concurrency)
+        # the processes the packs (or trials) need, no more
+        warmpool.activate(workers, tune_trials, concurrency)
 
     mlflow_client = tracking.client(config.tracking.tracking_uri)
     lineage = run_lineage(config, data_summary)
@@ -139,7 +157,7 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
         mlflow_client.update_run(parent_run_id, status="RUNNING")
     try:
         result = _run_stages(config, mlflow_client, experiment_id, parent_run_id, data_summary, concurrency,
-                             reports_dir, resume_dir, lineage)
+                             reports_dir, resume_dir, lineage, packing)
     except BaseException:
         mlflow_client.set_terminated(parent_run_id, status="FAILED")
         raise
@@ -155,10 +173,11 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
 
 def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str, parent_run_id: str,
                 data_summary: preflight.DataSummary, concurrency: int, reports_dir: Path | None,
-                resume_dir: str | None, lineage: dict[str, Any]) -> PipelineResult:
+                resume_dir: str | None, lineage: dict[str, Any], packing: Any = None) -> PipelineResult:
     sweep_result = sweep.run_sweep(
         config, experiment_id=experiment_id, parent_run_id=parent_run_id,
         num_train_examples=data_summary.train_rows, concurrency=concurrency, resume_dir=resume_dir, lineage=lineage,
+        packing=packing,
     )
     _drain_outbox(config)
     best = sweep_result.best

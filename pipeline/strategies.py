@@ -136,6 +136,10 @@ class _DataParallel:
 class PlainLora(_DataParallel):
     """Full-precision frozen base on every worker; DDP all-reduces adapter grads across workers."""
 
+    def load_base(self) -> nn.Module:
+        """The frozen base alone, on this worker's device (a pack attaches its k adapters to it)."""
+        return adapters.load_base_model(self.config.model, self.config.data).to(self.worker.device)
+
     def load_model(self) -> nn.Module:
         base = adapters.load_base_model(self.config.model, self.config.data)
         return adapters.attach_lora(base, self.config.lora, self.config.data).to(self.worker.device)
@@ -197,7 +201,8 @@ class Qlora(_DataParallel):
         super().__init__(config, worker)
         self.spec: QloraStrategy = config.strategy  # type: ignore[assignment]
 
-    def load_model(self) -> nn.Module:
+    def load_base(self) -> nn.Module:
+        """The 4-bit frozen base alone (a pack attaches its k adapters to it)."""
         from peft import prepare_model_for_kbit_training
 
         if self.worker.device.type == "cpu" and self.worker.rank == 0:
@@ -205,7 +210,10 @@ class Qlora(_DataParallel):
         base = load_quantized_base(self.config, self.spec, self.worker.device)
         # casts the remaining full-precision layers (norms, embeddings) to fp32 and, if asked,
         # turns on gradient checkpointing with input grads enabled
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=self.spec.gradient_checkpointing)
+        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=self.spec.gradient_checkpointing)
+
+    def load_model(self) -> nn.Module:
+        base = self.load_base()
         return adapters.attach_lora(base, self.config.lora, self.config.data)
 
 

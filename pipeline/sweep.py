@@ -26,6 +26,8 @@ from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
 # The trial's own actor only builds a trainer and waits; it gets no CPU so that all
 # CPUs go to train workers. Ray refuses an empty bundle, hence a token of memory.
 TRIAL_ACTOR_RESOURCES = {"CPU": 0, "memory": 1024 * 1024}
+# a packed sweep's one Tune parameter: the JSON list of the sampled values of a pack's configs
+PACK_KEY = "pack"
 
 
 class SweepError(RuntimeError):
@@ -103,6 +105,8 @@ class Resources:
     gpus: float
     max_node_cpus: float
     max_node_gpus: float
+    nodes: int = 1
+    max_node_memory: float = 0.0  # bytes (Ray's `memory` resource of the largest node)
 
 
 def cluster_resources() -> Resources:
@@ -116,6 +120,8 @@ def cluster_resources() -> Resources:
         gpus=sum(n["Resources"].get("GPU", 0) for n in nodes),
         max_node_cpus=max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
         max_node_gpus=max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
+        nodes=len(nodes),
+        max_node_memory=max((n["Resources"].get("memory", 0) for n in nodes), default=0),
     )
 
 
@@ -176,8 +182,9 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     from pipeline.train import train_fn_per_worker
 
     experiment = ExperimentConfig.model_validate(setup["experiment"])
-    sampled = {_path(k): v for k, v in tune_config.items()}
-    config = experiment.trial_config(sampled)
+    members = json.loads(tune_config[PACK_KEY]) if PACK_KEY in tune_config else None
+    sampled = {} if members else {_path(k): v for k, v in tune_config.items()}
+    config = experiment.trial_config(members[0] if members else sampled)
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
 
@@ -200,11 +207,26 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     resources_per_worker = {"CPU": train.cpus_per_worker}
     if train.gpus_per_worker:
         resources_per_worker["GPU"] = train.gpus_per_worker
+    train_fn, loop_config, num_to_keep = train_fn_per_worker, {"experiment": config.model_dump(mode="json"), "trial": trial}, 2
+    if members:
+        # one worker trains the pack's configs on one base (pipeline.pack_train); its CPUs are the plan's
+        from pipeline.pack_train import train_pack_per_worker
+
+        resources_per_worker["CPU"] = setup["pack_cpus"]
+        asha = experiment.sweep.asha
+        train_fn, loop_config = train_pack_per_worker, {
+            "members": [{"config": experiment.trial_config(m).model_dump(mode="json"), "sampled": m} for m in members],
+            "trial": trial, "threads": setup["pack_cpus"],
+            "sweep": {"scheduler": experiment.sweep.scheduler, "grace_period": asha.grace_period,
+                      "reduction_factor": asha.reduction_factor}}
+        # every checkpoint holds some config's evaluation (a config's best may be any of them): keep them all
+        num_to_keep = None
     trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"experiment": config.model_dump(mode="json"), "trial": trial},
+        train_fn,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.gpus_per_worker > 0, resources_per_worker=resources_per_worker
+            num_workers=1 if members else train.num_workers, use_gpu=train.gpus_per_worker > 0,
+            resources_per_worker=resources_per_worker
         ),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
@@ -217,7 +239,7 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 # the best and one more: a trial killed mid-upload still has a complete best
-                num_to_keep=2,
+                num_to_keep=num_to_keep,
                 checkpoint_score_attribute=experiment.sweep.metric,
                 checkpoint_score_order=experiment.sweep.mode,
             ),
@@ -269,6 +291,8 @@ class TrialSummary:
     wall_s: float = 0.0
     error: str | None = None
     finished: bool = False
+    pack: str | None = None    # packed: the pack's Tune trial id
+    member: str | None = None  # packed: the config's name in the pack (its checkpoint subfolder)
 
 
 def _complete(checkpoint_dir: Path) -> bool:
@@ -282,11 +306,15 @@ def _trained_epochs(store: Storage, run_dir: str) -> float:
     return max(epochs, default=0.0)
 
 
-def best_complete_checkpoint(store: Storage, run_dir: str, metric: str, mode: str) -> tuple[str, float] | None:
+def best_complete_checkpoint(store: Storage, run_dir: str, metric: str, mode: str,
+                             member: str | None = None) -> tuple[str, float] | None:
     """The best checkpoint of a Train run (a path on `store`) whose files are all there, by the metric
-    saved inside it."""
+    saved inside it; of a packed trial, the best of config `member` (its subfolders)."""
     scored = []
     for checkpoint_dir in store.dirs(run_dir, "checkpoint_*"):
+        if member is not None:
+            if not store.exists(checkpoint_dir := f"{checkpoint_dir}/{member}"):
+                continue
         local = store.local(checkpoint_dir)
         if _complete(local):
             value = adapters.read_metadata(local).get("metrics", {}).get(metric)
@@ -402,14 +430,32 @@ def make_pbt(sweep: Any, train_storage_path: Path) -> Any:
     )
 
 
+def _pack_members(trial_config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]] | None:
+    """(name, sampled values) of a packed trial's configs; None for a trial of one config."""
+    if PACK_KEY not in trial_config:
+        return None
+    from pipeline.pack import member_name
+
+    return [(member_name(i), sampled) for i, sampled in enumerate(json.loads(trial_config[PACK_KEY]))]
+
+
+# a packed config's state in the pack -> its trial status; LIVE ones take the pack trial's end instead
+_PACK_STATUS = {"DONE": "DONE", "STOPPED": "STOPPED", "ERROR": "ERROR"}
+_MLFLOW_STATUS = {"DONE": "FINISHED", "STOPPED": "FINISHED", "BUDGET": "KILLED", "ERROR": "FAILED"}
+
+
 def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, store: Storage,
                    train_storage_path: str, lineage: dict[str, Any] | None = None) -> Any:
     from ray.tune import Callback
 
+    from pipeline.pack_train import member_trial_id
+
     metric, mode = config.sweep.metric, config.sweep.mode
 
     class TrialRunCallback(Callback):
-        """Driver side: track each trial's best checkpoint; close its MLflow run with the adapter attached."""
+        """Driver side: track each trial's best checkpoint; close its MLflow run with the adapter attached.
+
+        A packed trial is k configs: each gets its own summary (and run), keyed by its own trial id."""
 
         def __init__(self) -> None:
             self.trials: dict[str, TrialSummary] = {}
@@ -423,32 +469,96 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                 summary.sampled, summary.best_metric, summary.best_checkpoint = sampled, None, None
             return summary
 
+        def _summaries(self, trial: Any) -> list[TrialSummary]:
+            """The trial's config summaries: one, or one per config of a pack."""
+            members = _pack_members(trial.config)
+            if members is None:
+                return [self._summary(trial)]
+            out = []
+            for name, sampled in members:
+                trial_id = member_trial_id(trial.trial_id, name)
+                out.append(self.trials.setdefault(trial_id, TrialSummary(
+                    trial_id, f"trial_{trial_id}", sampled, pack=trial.trial_id, member=name)))
+            return out
+
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if (pool := warmpool.current()) is not None:
                 pool.prepare(1)  # the processes of the trial that will follow this one in its slot
-            self._summary(trial)
+            self._summaries(trial)
+
+        def _better(self, summary: TrialSummary, value: Any) -> bool:
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                return False
+            # ties go to the later checkpoint, as Ray Train's score-ordered CheckpointConfig keeps it
+            return summary.best_metric is None or (value >= summary.best_metric if mode == "max" else value <= summary.best_metric)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            summary = self._summary(trial)
-            summary.last_result = dict(result)
-            value = result.get(metric)
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            if "pack" not in result:
+                summary = self._summary(trial)
+                summary.last_result = dict(result)
+                if self._better(summary, value := result.get(metric)):
+                    summary.best_metric = float(value)
+                    summary.best_checkpoint = result.get("checkpoint_path") or summary.best_checkpoint
                 return
-            # ties go to the later checkpoint, as Ray Train's score-ordered CheckpointConfig keeps it
-            better = summary.best_metric is None or (value >= summary.best_metric if mode == "max" else value <= summary.best_metric)
-            if better:
-                summary.best_metric = float(value)
-                summary.best_checkpoint = result.get("checkpoint_path") or summary.best_checkpoint
+            shared = {k: v for k, v in result.items() if k not in ("pack", metric)}
+            for summary in self._summaries(trial):
+                entry = result["pack"][summary.member]
+                evaluated = metric in entry
+                if evaluated or not summary.last_result:
+                    summary.last_result = {**shared, **entry}
+                else:
+                    summary.last_result.update({k: entry[k] for k in ("status", "stopped_step", "rung", "error")})
+                if evaluated and self._better(summary, value := entry[metric]) and result.get("checkpoint_path"):
+                    summary.best_metric = float(value)
+                    summary.best_checkpoint = f"{result['checkpoint_path']}/{summary.member}"
+                if entry["status"] in _PACK_STATUS and not summary.finished:
+                    # halved out, trained to the end, or stopped on a non-finite loss: closed now, not at the pack's end
+                    self._close(summary, _PACK_STATUS[entry["status"]], entry.get("error"))
+
+        def _close(self, summary: TrialSummary, status: str, error: str | None = None) -> None:
+            """Close one config's MLflow run with its status; any config with a checkpoint gets its best adapter."""
+            summary.finished = True
+            summary.wall_s = time.time() - summary.started
+            summary.error, summary.status = error, status
+            mlflow_client = tracking.client(config.tracking.tracking_uri)
+            trial_id = summary.pack or summary.trial_id
+            run_dir = trial_run_path(store, train_storage_path, trial_id)
+            # normally the trial's rank-0 worker created the run (and reported its id); a trial that failed
+            # before that gets one here
+            summary.run_id = summary.last_result.get("mlflow_run_id") or tracking.trial_run(
+                mlflow_client, experiment_id, parent_run_id, summary.trial_id, summary.trial_name,
+                config.trial_config(summary.sampled), summary.sampled, lineage)
+            mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", status)
+            if status == "STOPPED" and summary.last_result.get("rung") is not None:
+                mlflow_client.set_tag(summary.run_id, "loraforge.stopped_at_rung", str(summary.last_result["rung"] + 1))
+            if error:
+                mlflow_client.set_tag(summary.run_id, "loraforge.error", redact.redact_text(error)[-5000:])
+            attach = bool(summary.best_checkpoint) and status != "ERROR"
+            if attach and not _complete(store.local(summary.best_checkpoint)):
+                # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
+                # half-copied or corrupt: fall back to the best verified one on storage, never to nothing
+                fallback = best_complete_checkpoint(store, run_dir, metric, mode, summary.member)
+                mlflow_client.set_tag(summary.run_id, "loraforge.ckpt_fallback", str(fallback))
+                summary.best_checkpoint, summary.best_metric = fallback if fallback else (None, None)
+                attach = fallback is not None
+            best = {metric: summary.best_metric} if summary.best_metric is not None else {}
+            best["wall_time_s"] = summary.wall_s
+            # on an object store: the checkpoint downloaded once (pipeline.storage)
+            adapter = store.local(summary.best_checkpoint) if attach else None
+            tracking.finish_trial_run(mlflow_client, summary.run_id, _MLFLOW_STATUS[status], adapter, best)
 
         def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
-            """Close the trial's MLflow run; any trial with a checkpoint gets its best adapter attached."""
+            """The Tune trial ended (FINISHED, FAILED, or KILLED by the time budget): close its configs' runs."""
+            if _pack_members(trial.config) is not None:
+                for summary in self._summaries(trial):
+                    if not summary.finished:
+                        state = summary.last_result.get("status")
+                        final = _PACK_STATUS.get(state) or {"FAILED": "ERROR", "KILLED": "BUDGET"}.get(status, "DONE")
+                        self._close(summary, final, error or summary.last_result.get("error"))
+                return
             summary = self._summary(trial)
             if summary.finished:
                 return
-            summary.finished = True
-            summary.wall_s = time.time() - summary.started
-            summary.error = error
-            mlflow_client = tracking.client(config.tracking.tracking_uri)
             # finished = trained all its epochs (a trial resumed after a driver restart reports fewer times)
             epochs = config.trial_config(summary.sampled).train.epochs
             run_dir = trial_run_path(store, train_storage_path, trial.trial_id)
@@ -461,34 +571,12 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
             trained_all = summary.last_result.get("epoch", 0) >= epochs - 1e-9
             match status:
                 case "FAILED":
-                    summary.status = "ERROR"
+                    final = "ERROR"
                 case "KILLED":
-                    summary.status = "BUDGET"  # cut off by sweep.time_budget_s
+                    final = "BUDGET"  # cut off by sweep.time_budget_s
                 case _:
-                    summary.status = "DONE" if trained_all else "STOPPED"
-            # normally the trial's rank-0 worker created the run (and reported its id); a trial that failed
-            # before that gets one here
-            summary.run_id = summary.last_result.get("mlflow_run_id") or tracking.trial_run(
-                mlflow_client, experiment_id, parent_run_id, trial.trial_id, summary.trial_name,
-                config.trial_config(summary.sampled), summary.sampled, lineage)
-            mlflow_client.set_tag(summary.run_id, "loraforge.trial_status", summary.status)
-            if error:
-                mlflow_client.set_tag(summary.run_id, "loraforge.error", redact.redact_text(error)[-5000:])
-            attach = bool(summary.best_checkpoint) and status != "FAILED"
-            if attach and not _complete(store.local(summary.best_checkpoint)):
-                # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
-                # half-copied or corrupt: fall back to the best verified one on storage, never to nothing
-                fallback = best_complete_checkpoint(store, run_dir, metric, mode)
-                mlflow_client.set_tag(summary.run_id, "loraforge.ckpt_fallback", str(fallback))
-                summary.best_checkpoint, summary.best_metric = fallback if fallback else (None, None)
-                attach = fallback is not None
-            best = {metric: summary.best_metric} if summary.best_metric is not None else {}
-            best["wall_time_s"] = summary.wall_s
-            if attach:
-                # on an object store: the checkpoint downloaded once (pipeline.storage)
-                tracking.finish_trial_run(mlflow_client, summary.run_id, status, store.local(summary.best_checkpoint), best)
-            else:
-                tracking.finish_trial_run(mlflow_client, summary.run_id, status, None, best)
+                    final = "DONE" if trained_all else "STOPPED"
+            self._close(summary, final, error)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._finish(trial, "FINISHED")
@@ -502,7 +590,9 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             # the time budget ends the experiment without completing running trials
             for trial in trials:
-                if trial.trial_id in self.trials and not self.trials[trial.trial_id].finished:
+                members = _pack_members(trial.config)
+                ids = [trial.trial_id] if members is None else [member_trial_id(trial.trial_id, n) for n, _ in members]
+                if any(i in self.trials and not self.trials[i].finished for i in ids):
                     self._finish(trial, "KILLED")
 
     return TrialRunCallback()
@@ -598,18 +688,20 @@ def find_resumable(config: ExperimentConfig) -> str:
 
 
 def _summary_from_tracking(config: ExperimentConfig, experiment_id: str, parent_run_id: str, trial_id: str,
-                           sampled: dict[str, Any], store: Storage, train_storage_path: str) -> TrialSummary:
-    """A trial that finished before the driver was restarted: rebuilt from MLflow and checkpoint storage."""
+                           sampled: dict[str, Any], store: Storage, train_storage_path: str,
+                           pack: str | None = None, member: str | None = None) -> TrialSummary:
+    """A trial (or a packed config) that finished before the driver was restarted: rebuilt from MLflow
+    and checkpoint storage."""
     mlflow_client = tracking.client(config.tracking.tracking_uri)
-    summary = TrialSummary(trial_id, f"trial_{trial_id}", sampled, finished=True)
+    summary = TrialSummary(trial_id, f"trial_{trial_id}", sampled, finished=True, pack=pack, member=member)
     summary.run_id = tracking.find_trial_run(mlflow_client, experiment_id, parent_run_id, trial_id)
     if summary.run_id is not None:
         run = mlflow_client.get_run(summary.run_id)
         summary.status = run.data.tags.get("loraforge.trial_status", "DONE")
         summary.wall_s = run.data.metrics.get("best_wall_time_s", 0.0)
         summary.last_result = {"trainable_params": run.data.params.get("trainable_params")}
-    best = best_complete_checkpoint(store, trial_run_path(store, train_storage_path, trial_id),
-                                    config.sweep.metric, config.sweep.mode)
+    best = best_complete_checkpoint(store, trial_run_path(store, train_storage_path, pack or trial_id),
+                                    config.sweep.metric, config.sweep.mode, member)
     if best is not None and summary.status != "ERROR":
         summary.best_checkpoint, summary.best_metric = best
         summary.last_result["step"] = ckpt.step_of(store.local(best[0]))
@@ -618,7 +710,7 @@ def _summary_from_tracking(config: ExperimentConfig, experiment_id: str, parent_
 
 def run_sweep(
     config: ExperimentConfig, *, experiment_id: str, parent_run_id: str, num_train_examples: int, concurrency: int,
-    resume_dir: str | None = None, lineage: dict[str, Any] | None = None,
+    resume_dir: str | None = None, lineage: dict[str, Any] | None = None, packing: Any = None,
 ) -> SweepResult:
     """Run every trial of the sweep under Tune and return their summaries, best first by the metric.
 
@@ -642,7 +734,8 @@ def run_sweep(
     store.mkdirs(store.root)
     run_name = Path(resume_dir).name if resume_dir else unique_run_name(store, config.name)
     train_storage_path = store.path(run_name, "train")
-    scheduler = make_scheduler(sweep, max_t, Path(train_storage_path))
+    # packed (`packing`: a pipeline.planner.PackPlan): halving happens inside each pack, Tune runs them to the end
+    scheduler = make_scheduler(sweep, max_t, Path(train_storage_path)) if packing is None else None
     write_run_state(store, store.path(run_name), experiment_id, parent_run_id, config)
     callback = _make_callback(config, experiment_id, parent_run_id, store, train_storage_path, lineage)
     setup = {
@@ -653,10 +746,13 @@ def run_sweep(
         "storage_filesystem": remote_fs,
         "warm_pool": warmpool.current() is not None,
         "lineage": lineage,
+        "pack_cpus": packing.cpus_per_pack if packing is not None else None,
     }
     param_space = {_key(path): tune_domain(domain, sweep.searcher) for path, domain in sweep.parameters.items()}
     num_samples = sweep.num_samples
-    if sweep.searcher == "grid" and sweep.grid_order == "shuffled" and sweep.parameters:
+    if packing is not None:
+        param_space, search_alg, num_samples = {PACK_KEY: tune.grid_search([json.dumps(p) for p in packing.packs])}, None, 1
+    elif sweep.searcher == "grid" and sweep.grid_order == "shuffled" and sweep.parameters:
         param_space, search_alg, num_samples = shuffled_grid(sweep, seed=config.train.seed, concurrency=concurrency)
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_ACTOR_RESOURCES)
@@ -668,7 +764,16 @@ def run_sweep(
         results = tuner.fit()
         for result in results:
             trial_id = Path(result.path).name.removeprefix("trial_")
-            if trial_id not in callback.trials:
+            members = _pack_members(result.config or {})
+            if members is not None:
+                from pipeline.pack_train import member_trial_id
+
+                for name, sampled in members:
+                    if (member_id := member_trial_id(trial_id, name)) not in callback.trials:
+                        callback.trials[member_id] = _summary_from_tracking(
+                            config, experiment_id, parent_run_id, member_id, sampled, store, train_storage_path,
+                            pack=trial_id, member=name)
+            elif trial_id not in callback.trials:
                 callback.trials[trial_id] = _summary_from_tracking(
                     config, experiment_id, parent_run_id, trial_id,
                     {_path(k): v for k, v in (result.config or {}).items()}, store, train_storage_path)

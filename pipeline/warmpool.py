@@ -37,7 +37,8 @@ SETUP_HOOK = "pipeline.warmpool.import_training_stack"
 # what the sweep gives Ray Train as the workers' own runtime env
 WORKER_ENV_VARS = {SETUP_HOOK_ENV: SETUP_HOOK}
 # imported by every worker of the local instance before it goes idle (trial actors, controllers)
-PRELOAD_MODULES = ["ray.train.torch", "ray.tune.integration.ray_train", "pipeline.sweep", "pipeline.train"]
+PRELOAD_MODULES = ["ray.train.torch", "ray.tune.integration.ray_train", "pipeline.sweep", "pipeline.train",
+                   "pipeline.pack_train"]
 # how long an idle started worker is kept even if the node's pool is over its soft limit
 KEEP_ALIVE_S = 3600
 

@@ -54,7 +54,8 @@ def minilm_config(tmp: Path, sst2: dict[str, Path], **sections) -> dict:
         },
         "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
         "train": {"lr": 3e-3, "epochs": 1, "batch_size": 16, "eval_every_steps": 5, "log_every_steps": 2},
-        "sweep": {"searcher": "grid", "scheduler": "fifo", "parameters": {}},
+        # one trial per config: the tests of Tune's schedulers, faults and resume; tests/test_pack.py packs
+        "sweep": {"searcher": "grid", "scheduler": "fifo", "parameters": {}, "pack_size": 1},
         # the benchmark suites after the sweep are tested on their own (test_eval_stage) and once in test_pipeline_e2e
         "eval": {"suites": []},
         "tracking": {
