@@ -198,11 +198,13 @@ def plan(config: ExperimentConfig, resources: Any) -> PackPlan | None:
     # packs on CPUs pool a node's cores in one worker; on GPUs a pack is one device
     slots = int(resources.gpus // train.gpus_per_worker) if gpu else int(resources.cpus // train.cpus_per_worker)
     device_slots = slots if gpu else max(1, resources.nodes)
+    # balanced: every device gets about as many configs (64 configs on 8 GPUs: packs of 8)
+    balance = math.ceil(len(points) / device_slots)
     lines, packs = [], []
     for group in groups.values():
         configs = [config.trial_config(p) for p in group]
-        # the cores this group's packs will get, if balanced over the devices (for their share of the RAM)
-        n_packs = math.ceil(len(group) / max(1, math.ceil(len(group) / device_slots)))
+        # the cores this group's packs will get (for their share of the RAM)
+        n_packs = math.ceil(len(group) / max(1, min(balance, len(group))))
         cpus = train.cpus_per_worker if gpu else min(
             int(resources.max_node_cpus), train.cpus_per_worker * max(1, slots // n_packs))
         est = estimate(configs)
@@ -215,7 +217,7 @@ def plan(config: ExperimentConfig, resources: Any) -> PackPlan | None:
             raise ConfigError([f"sweep.pack_size: not even one config fits: {numbers}; lower train.batch_size or "
                                "data.max_seq_len, or set sweep.pack_memory_gib"])
         if config.sweep.pack_size == "auto":
-            k = max(1, min(can, math.ceil(len(group) / device_slots), len(group)))
+            k = max(1, min(can, balance, len(group)))
         else:
             k = config.sweep.pack_size
             if k > can:

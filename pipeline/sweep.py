@@ -505,7 +505,9 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                 entry = result["pack"][summary.member]
                 evaluated = metric in entry
                 if evaluated or not summary.last_result:
-                    summary.last_result = {**shared, **entry}
+                    # a config stopped before this driver started (a resumed sweep) last trained at its stop
+                    summary.last_result = {**shared, **entry, "step": entry.get("stopped_step") if not evaluated
+                                           and entry.get("stopped_step") is not None else shared.get("step")}
                 else:
                     summary.last_result.update({k: entry[k] for k in ("status", "stopped_step", "rung", "error")})
                 if evaluated and self._better(summary, value := entry[metric]) and result.get("checkpoint_path"):
@@ -533,6 +535,10 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                 mlflow_client.set_tag(summary.run_id, "loraforge.stopped_at_rung", str(summary.last_result["rung"] + 1))
             if error:
                 mlflow_client.set_tag(summary.run_id, "loraforge.error", redact.redact_text(error)[-5000:])
+            if summary.member and summary.best_checkpoint is None and status != "ERROR":
+                # a packed config that stopped before the driver was restarted: its best is on storage
+                if best_found := best_complete_checkpoint(store, run_dir, metric, mode, summary.member):
+                    summary.best_checkpoint, summary.best_metric = best_found
             attach = bool(summary.best_checkpoint) and status != "ERROR"
             if attach and not _complete(store.local(summary.best_checkpoint)):
                 # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
