@@ -58,6 +58,7 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
 
     configs = [ExperimentConfig.model_validate(m["config"]) for m in loop_config["members"]]
     first = configs[0]
+    # the trial configs have no sweep section: the metric, mode and rungs come from the experiment's
     train_spec, sweep = first.train, loop_config["sweep"]
     trial = loop_config.get("trial")
     classification = adapters.is_classification(first.data)
@@ -144,12 +145,12 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
         entries = {m.name: {"status": m.status, "stopped_step": m.stopped_step, "rung": m.rung, "error": m.error,
                             "mlflow_run_id": m.run_id, **metrics_by_member.get(m.name, {})}
                    for m in members}
-        scores = [metrics_by_member[n].get(first.sweep.metric) for n in evaluated]
+        scores = [metrics_by_member[n].get(sweep["metric"]) for n in evaluated]
         scores = [s for s in scores if s is not None and not math.isnan(s)]
-        best = (max if first.sweep.mode == "max" else min)(scores) if scores else float("nan")
+        best = (max if sweep["mode"] == "max" else min)(scores) if scores else float("nan")
         shared = {"step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time, "restarts": restarts,
                   "tokens_seen": tokens_seen, "tokens_per_s": tokens_seen * len(evaluated) / max(loop_time, 1e-9)}
-        result = {first.sweep.metric: best, **shared, "live": sum(m.live for m in members), "pack": entries}
+        result = {sweep["metric"]: best, **shared, "live": sum(m.live for m in members), "pack": entries}
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
             for member in members:
@@ -220,8 +221,8 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
                         member.metric_buffer.log(scores, step)
                         member.metric_buffer.flush(wait=True)
                 if step in rungs and len(metrics) > 1:
-                    keep = pack.survivors({n: v.get(first.sweep.metric) for n, v in metrics.items()},
-                                          sweep["reduction_factor"], first.sweep.mode)
+                    keep = pack.survivors({n: v.get(sweep["metric"]) for n, v in metrics.items()},
+                                          sweep["reduction_factor"], sweep["mode"])
                     for member in members:
                         if member.name in metrics and member.name not in keep:
                             member.status, member.stopped_step, member.rung = "STOPPED", step, rungs.index(step)

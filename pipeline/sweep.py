@@ -217,7 +217,8 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
         train_fn, loop_config = train_pack_per_worker, {
             "members": [{"config": experiment.trial_config(m).model_dump(mode="json"), "sampled": m} for m in members],
             "trial": trial, "threads": setup["pack_cpus"],
-            "sweep": {"scheduler": experiment.sweep.scheduler, "grace_period": asha.grace_period,
+            "sweep": {"scheduler": experiment.sweep.scheduler, "metric": experiment.sweep.metric,
+                      "mode": experiment.sweep.mode, "grace_period": asha.grace_period,
                       "reduction_factor": asha.reduction_factor}}
         # every checkpoint holds some config's evaluation (a config's best may be any of them): keep them all
         num_to_keep = None

@@ -27,7 +27,7 @@ SWEEP = [
     "data.max_train_examples=640", "data.max_seq_len=32", "train.epochs=1", "train.batch_size=16",
     "train.eval_every_steps=5", "train.log_every_steps=5", "train.max_failures=2", "sweep.scheduler=fifo",
     "sweep.parameters.lora.r={grid: [2, 4]}", "sweep.parameters.lora.target_modules={grid: [[query, value]]}",
-    "eval.suites=[]",
+    "eval.suites=[]", "sweep.pack_size=1",  # one trial per config: the failover test needs one on each node
 ]
 
 
