@@ -148,7 +148,8 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
         scores = [metrics_by_member[n].get(sweep["metric"]) for n in evaluated]
         scores = [s for s in scores if s is not None and not math.isnan(s)]
         best = (max if sweep["mode"] == "max" else min)(scores) if scores else float("nan")
-        shared = {"step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time, "restarts": restarts,
+        shared = {"step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time, "eval_time_s": eval_time,
+                  "restarts": restarts,
                   "tokens_seen": tokens_seen, "tokens_per_s": tokens_seen * len(evaluated) / max(loop_time, 1e-9)}
         result = {sweep["metric"]: best, **shared, "live": sum(m.live for m in members), "pack": entries}
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +178,7 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
 
     # ---- the loop
     model.model.train()
-    micro_step, pad_id = 0, tokenizer.pad_token_id
+    micro_step, pad_id, eval_time = 0, tokenizer.pad_token_id, 0.0  # eval_time: since this worker group started
     for epoch in range(step // steps_per_epoch, train_spec.epochs):
         batches = data.make_batches(lengths, train_spec.batch_size, shuffle=True, seed=train_spec.seed + epoch,
                                     bucketing=train_spec.length_bucketing, rank=0, world_size=1)
@@ -209,6 +210,7 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
                     member.window.clear()
             if step % train_spec.eval_every_steps == 0 or step == total_steps:
                 loop_time += time.perf_counter() - started
+                eval_started = time.perf_counter()
                 metrics: dict[str, dict[str, Any]] = {}
                 for member in members:
                     if not member.live:
@@ -220,6 +222,7 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
                     if member.metric_buffer is not None:
                         member.metric_buffer.log(scores, step)
                         member.metric_buffer.flush(wait=True)
+                eval_time += time.perf_counter() - eval_started
                 if step in rungs and len(metrics) > 1:
                     keep = pack.survivors({n: v.get(sweep["metric"]) for n, v in metrics.items()},
                                           sweep["reduction_factor"], sweep["mode"])

@@ -256,7 +256,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     # ---- the loop
     model.train()
-    micro_step = 0
+    micro_step, eval_time = 0, 0.0  # eval_time: seconds in evaluations since this worker group started
     window_loss, window_count = 0.0, 0
     pad_id = tokenizer.pad_token_id
     for epoch in range(step // steps_per_epoch, train_spec.epochs):
@@ -299,8 +299,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
             if step % train_spec.eval_every_steps == 0 or step == total_steps:
                 loop_time += time.perf_counter() - started
+                eval_started = time.perf_counter()
                 metrics = evaluate(model, eval_examples, config, pad_id, device, rank, world_size)
+                eval_time += time.perf_counter() - eval_started
                 metrics.update({
+                    "eval_time_s": eval_time,
                     "step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0], "train_time_s": loop_time,
                     "tokens_per_s": tokens_seen * world_size / max(loop_time, 1e-9),
                     "trainable_params": trainable, "worker_restarts": restarts, "worker_head_start_s": worker_head_start,
