@@ -1,11 +1,16 @@
-"""B1: time for ASHA to reach the grid's best accuracy (within 0.5 pt), as a fraction of the full grid's wall time.
+"""B1: time for ASHA, and for packed successive halving, to reach the grid's best accuracy (within 0.5 pt),
+as a fraction of the full grid's wall time, in several grid orders.
 
-Same search space, same machine, one run: the grid (FIFO, every trial to the end), then
-ASHA over the same trials, both in the same shuffled order (`sweep.grid_order: shuffled`). Times come from the MLflow metric history (every eval's
-timestamp) against each sweep's start. Prints the ratio and the trial-steps each sweep
-spent; asserts nothing. About 30 minutes on 2 cores (the grid alone is 16 full trials).
+Same search space, same machine, one run: the grid (FIFO, one trial per config, every trial to the end),
+then for each grid order ASHA over the same trials (`sweep.pack_size: 1`) and the packed sweep
+(`sweep.pack_size: auto`: the 16 configs on one base, successive halving inside the pack at equal step
+budgets). The orders: `listed` (Tune's order: the lr grid ascending, smallest first), `reversed` (both
+grids written in reverse, largest lr first) and `shuffled` (`sweep.grid_order: shuffled`, seed 0). Times
+come from the MLflow metric history (every eval's timestamp) against each sweep's start. Prints the ratios
+and the trial-steps each sweep spent; asserts nothing. About 75 minutes on 2 cores for the three orders
+(the grid alone is 16 full trials, about 19 minutes).
 
-    python bench/b1_asha_vs_grid.py [--train-rows 2000] [--epochs 2] [--order shuffled|listed]
+    python bench/b1_asha_vs_grid.py [--train-rows 2000] [--epochs 2] [--orders listed,reversed,shuffled]
 """
 
 from __future__ import annotations
@@ -30,13 +35,19 @@ SPACE = {
 }
 
 
-def sweep(tmp: Path, name: str, scheduler: str, args: argparse.Namespace) -> dict:
+def space(order: str) -> dict:
+    if order != "reversed":
+        return SPACE
+    return {path: {"grid": list(reversed(domain["grid"]))} for path, domain in SPACE.items()}
+
+
+def sweep(tmp: Path, name: str, scheduler: str, order: str, pack_size: int | str, args: argparse.Namespace) -> dict:
     import yaml
 
     raw = experiment(tmp, train_rows=args.train_rows, eval_rows=872, steps_between_evals=args.eval_every,
-                     epochs=args.epochs, parameters=SPACE, name=name)
+                     epochs=args.epochs, parameters=space(order), name=name)
     raw["sweep"].update({"scheduler": scheduler, "asha": {"grace_period": 1, "reduction_factor": 2},
-                         "grid_order": args.order})
+                         "grid_order": "shuffled" if order == "shuffled" else "listed", "pack_size": pack_size})
     raw["train"]["warmup_ratio"] = 0.1
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     config = load_config(tmp / f"{name}.yaml", env={})
@@ -56,43 +67,65 @@ def sweep(tmp: Path, name: str, scheduler: str, args: argparse.Namespace) -> dic
             "stopped": sum(t.status == "STOPPED" for t in result.sweep.trials)}
 
 
+def time_to(run: dict, target: float) -> float | None:
+    return next((t for t, accuracy in run["evals"] if accuracy >= target), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=21)
-    parser.add_argument("--order", choices=["shuffled", "listed"], default="shuffled")
+    parser.add_argument("--orders", default="listed,reversed,shuffled",
+                        help="comma-separated grid orders: listed, reversed, shuffled")
     args = parser.parse_args()
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    if not orders or any(o not in ("listed", "reversed", "shuffled") for o in orders):
+        parser.error(f"--orders: {args.orders!r}: give listed, reversed and/or shuffled, comma-separated")
     import ray
 
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        grid = sweep(tmp, "b1-grid", "fifo", args)
+        runs["grid"] = sweep(tmp, "b1-grid", "fifo", "listed", 1, args)
         ray.shutdown()
-        asha = sweep(tmp, "b1-asha", "asha", args)
+        for order in orders:
+            for arm, pack_size in (("asha", 1), ("packed", "auto")):
+                runs[f"{arm}-{order}"] = sweep(tmp, f"b1-{arm}-{order}", "asha", order, pack_size, args)
+                ray.shutdown()
+                print(f"B1 {arm} ({order}): {runs[f'{arm}-{order}']['wall_s']:.0f} s", flush=True)
+    report(runs, args)
+
+
+def report(runs: dict[str, dict], args: argparse.Namespace) -> None:
+    grid = runs["grid"]
     target = grid["best"] - 0.005
-    reached = next((t for t, accuracy in asha["evals"] if accuracy >= target), None)
-    print(f"\nB1 ASHA vs grid: MiniLM + SST-2 ({args.train_rows} rows x {args.epochs} epochs, an eval every "
-          f"{args.eval_every} steps), {2 * len(LRS)} configs (r=8, targets {{q+v, all attention}} x lr "
-          f"{{{', '.join(f'{lr:g}' for lr in LRS)}}}), 2 trials at a time, grid order {args.order}")
-    print(f"  grid : {grid['wall_s']:6.0f} s wall, best {grid['best']:.4f}, {grid['trial_steps']} trial-steps")
-    print(f"  asha : {asha['wall_s']:6.0f} s wall, best {asha['best']:.4f}, {asha['trial_steps']} trial-steps, "
-          f"{asha['stopped']} of {asha['trials']} trials stopped early")
-    if reached is None:
-        print(f"  ASHA never reached {target:.4f} (grid best - 0.5 pt)")
-        ratio = None
-    else:
-        ratio = reached / grid["wall_s"]
-        print(f"  ASHA reached {target:.4f} (grid best - 0.5 pt) after {reached:.0f} s: "
-              f"{ratio:.2f} of the grid's wall time (target <= 0.5)")
-    print(f"  trial-steps ASHA / grid: {asha['trial_steps'] / grid['trial_steps']:.2f}")
-    asha_by_config = {str(t["sampled"]): t for t in asha["per_trial"]}
-    print("  per config, best accuracy: grid | asha (status)")
+    ratios = {name: None if time_to(run, target) is None else time_to(run, target) / grid["wall_s"]
+              for name, run in runs.items() if name != "grid"}
+    dump("b1", {"runs": runs, "target": target, "ratios": ratios})  # before printing: nothing measured is lost
+    print(f"\nB1 ASHA and packed successive halving vs grid: MiniLM + SST-2 ({args.train_rows} rows x {args.epochs} "
+          f"epochs, an eval every {args.eval_every} steps), {2 * len(LRS)} configs (r=8, targets {{q+v, all attention}} "
+          f"x lr {{{', '.join(f'{lr:g}' for lr in LRS)}}}); grid and ASHA one trial per config, 2 at a time; "
+          f"packed: sweep.pack_size auto")
+    print(f"  grid : {grid['wall_s']:6.0f} s wall, best {grid['best']:.4f}, {grid['trial_steps']} trial-steps; "
+          f"target {target:.4f} (grid best - 0.5 pt)")
+    print("  | order | arm | wall s | best | trial-steps (/ grid) | stopped early | time to target s | / grid wall |")
+    for name, run in runs.items():
+        if name == "grid":
+            continue
+        arm, order = name.split("-", 1)
+        reached = time_to(run, target)
+        print(f"  | {order} | {arm} | {run['wall_s']:.0f} | {run['best']:.4f} | {run['trial_steps']} "
+              f"({run['trial_steps'] / grid['trial_steps']:.2f}) | {run['stopped']} of {run['trials']} | "
+              + ("never | - |" if reached is None else f"{reached:.0f} | {ratios[name]:.2f} |"))
+    print("  targets: packed <= 0.3 of the grid's wall time in every order")
+    print("  per config, best accuracy: grid | " + " | ".join(n for n in runs if n != "grid"))
+    by_config = {name: {str(t["sampled"]): t for t in run["per_trial"]} for name, run in runs.items()}
     for t in sorted(grid["per_trial"], key=lambda t: -(t["best"] or 0)):
-        other = asha_by_config.get(str(t["sampled"]), {})
-        print(f"    {t['sampled']}: {t['best'] or float('nan'):.4f} | {other.get('best') or float('nan'):.4f} "
-              f"({other.get('status')})")
-    dump("b1", {"grid": grid, "asha": asha, "target": target, "asha_time_to_target_s": reached, "ratio": ratio})
+        key = str(t["sampled"])
+        cells = [f"{(by_config[n].get(key, {}).get('best') or float('nan')):.4f} ({by_config[n].get(key, {}).get('status')})"
+                 for n in runs if n != "grid"]
+        print(f"    {key}: {t['best'] or float('nan'):.4f} | " + " | ".join(cells))
 
 
 if __name__ == "__main__":
