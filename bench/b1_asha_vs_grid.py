@@ -7,8 +7,8 @@ then for each grid order ASHA over the same trials (`sweep.pack_size: 1`) and th
 budgets). The orders: `listed` (Tune's order: the lr grid ascending, smallest first), `reversed` (both
 grids written in reverse, largest lr first) and `shuffled` (`sweep.grid_order: shuffled`, seed 0). Times
 come from the MLflow metric history (every eval's timestamp) against each sweep's start. Prints the ratios
-and the trial-steps each sweep spent; asserts nothing. About 75 minutes on 2 cores for the three orders
-(the grid alone is 16 full trials, about 19 minutes).
+and the trial-steps each sweep spent; asserts nothing. About 1 h 50 min on 2 cores for the three orders
+(the grid alone is 16 full trials, about 24 minutes).
 
     python bench/b1_asha_vs_grid.py [--train-rows 2000] [--epochs 2] [--orders listed,reversed,shuffled]
 """
@@ -100,8 +100,8 @@ def main() -> None:
 def report(runs: dict[str, dict], args: argparse.Namespace) -> None:
     grid = runs["grid"]
     target = grid["best"] - 0.005
-    ratios = {name: None if time_to(run, target) is None else time_to(run, target) / grid["wall_s"]
-              for name, run in runs.items() if name != "grid"}
+    reached = {name: time_to(run, target) for name, run in runs.items() if name != "grid"}
+    ratios = {name: None if t is None else t / grid["wall_s"] for name, t in reached.items()}
     dump("b1", {"runs": runs, "target": target, "ratios": ratios})  # before printing: nothing measured is lost
     print(f"\nB1 ASHA and packed successive halving vs grid: MiniLM + SST-2 ({args.train_rows} rows x {args.epochs} "
           f"epochs, an eval every {args.eval_every} steps), {2 * len(LRS)} configs (r=8, targets {{q+v, all attention}} "
@@ -114,10 +114,9 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> None:
         if name == "grid":
             continue
         arm, order = name.split("-", 1)
-        reached = time_to(run, target)
         print(f"  | {order} | {arm} | {run['wall_s']:.0f} | {run['best']:.4f} | {run['trial_steps']} "
               f"({run['trial_steps'] / grid['trial_steps']:.2f}) | {run['stopped']} of {run['trials']} | "
-              + ("never | - |" if reached is None else f"{reached:.0f} | {ratios[name]:.2f} |"))
+              + ("never | - |" if reached[name] is None else f"{reached[name]:.0f} | {ratios[name]:.2f} |"))
     print("  targets: packed <= 0.3 of the grid's wall time in every order")
     print("  per config, best accuracy: grid | " + " | ".join(n for n in runs if n != "grid"))
     by_config = {name: {str(t["sampled"]): t for t in run["per_trial"]} for name, run in runs.items()}
