@@ -91,16 +91,17 @@ def main() -> None:
         ray.shutdown()
         for order in orders:
             for arm, pack_size in (("asha", 1), ("packed", "auto")):
-                runs[f"{arm}-{order}"] = sweep(tmp, f"b1-{arm}-{order}", "asha", order, pack_size, args)
+                run = runs[f"{arm}-{order}"] = sweep(tmp, f"b1-{arm}-{order}", "asha", order, pack_size, args)
                 ray.shutdown()
-                print(f"B1 {arm} ({order}): {runs[f'{arm}-{order}']['wall_s']:.0f} s", flush=True)
+                print(f"B1 {arm} ({order}): {run['wall_s']:.0f} s", flush=True)
     report(runs, args)
 
 
 def report(runs: dict[str, dict], args: argparse.Namespace) -> None:
     grid = runs["grid"]
+    arms = {name: run for name, run in runs.items() if name != "grid"}
     target = grid["best"] - 0.005
-    reached = {name: time_to(run, target) for name, run in runs.items() if name != "grid"}
+    reached = {name: time_to(run, target) for name, run in arms.items()}
     ratios = {name: None if t is None else t / grid["wall_s"] for name, t in reached.items()}
     dump("b1", {"runs": runs, "target": target, "ratios": ratios})  # before printing: nothing measured is lost
     print(f"\nB1 ASHA and packed successive halving vs grid: MiniLM + SST-2 ({args.train_rows} rows x {args.epochs} "
@@ -110,22 +111,19 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> None:
     print(f"  grid : {grid['wall_s']:6.0f} s wall, best {grid['best']:.4f}, {grid['trial_steps']} trial-steps; "
           f"target {target:.4f} (grid best - 0.5 pt)")
     print("  | order | arm | wall s | best | trial-steps (/ grid) | stopped early | time to target s | / grid wall |")
-    for name, run in runs.items():
-        if name == "grid":
-            continue
+    for name, run in arms.items():
         arm, order = name.split("-", 1)
         print(f"  | {order} | {arm} | {run['wall_s']:.0f} | {run['best']:.4f} | {run['trial_steps']} "
               f"({run['trial_steps'] / grid['trial_steps']:.2f}) | {run['stopped']} of {run['trials']} | "
               + ("never | - |" if reached[name] is None else f"{reached[name]:.0f} | {ratios[name]:.2f} |"))
     print("  targets: packed <= 0.3 of the grid's wall time in every order")
-    print("  per config, best accuracy: grid | " + " | ".join(n for n in runs if n != "grid"))
-    by_config = {name: {str(t["sampled"]): t for t in run["per_trial"]} for name, run in runs.items()}
+    print("  per config, best accuracy: grid | " + " | ".join(arms))
+    by_config = {name: {str(t["sampled"]): t for t in run["per_trial"]} for name, run in arms.items()}
     for t in sorted(grid["per_trial"], key=lambda t: -(t["best"] or 0)):
         key = str(t["sampled"])
-        cells = [f"{(by_config[n].get(key, {}).get('best') or float('nan')):.4f} ({by_config[n].get(key, {}).get('status')})"
-                 for n in runs if n != "grid"]
+        others = [by_config[name].get(key, {}) for name in arms]
+        cells = [f"{(other.get('best') or float('nan')):.4f} ({other.get('status')})" for other in others]
         print(f"    {key}: {t['best'] or float('nan'):.4f} | " + " | ".join(cells))
-
 
 if __name__ == "__main__":
     main()
