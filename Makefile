@@ -1,11 +1,12 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
 #   make quickstart   # venv + install + fetch SST-2 + `loraforge run configs/quickstart.yaml`
-#   make test         # venv + install + fetch all data + the test suite
+#   make test         # venv + install + fetch all data + the test suite: the fast lane, then the slow one
+#   make test-fast    # the fast lane alone (every test not marked slow), a few minutes
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test venv bench clean
+.PHONY: quickstart test test-fast test-slow test-data venv bench clean
 
 $(BIN)/loraforge: pyproject.toml docker/install.sh
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +22,21 @@ quickstart: venv
 	$(BIN)/loraforge data fetch sst2
 	HF_HUB_OFFLINE=1 $(BIN)/loraforge run configs/quickstart.yaml
 
-test: venv
+PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-data: venv
 	$(BIN)/loraforge data fetch
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -v --durations=40
+
+# Two lanes, fast first: a broken import or config fails in minutes, before the multi-process tests start.
+test: test-data
+	$(PYTEST) -m "not slow" --durations=10
+	$(PYTEST) -m slow --durations=30
+
+test-fast: test-data
+	$(PYTEST) -m "not slow" --durations=10
+
+test-slow: test-data
+	$(PYTEST) -m slow --durations=30
 
 bench: venv
 	$(BIN)/loraforge data fetch sst2 e2e alpaca mt_bench

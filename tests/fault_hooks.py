@@ -2,7 +2,9 @@
 
 `LORAFORGE_TEST_NAN_AT=k:r` makes rank r's k-th training forward return a NaN loss,
 the way fault F16 specifies ("multiply the loss by NaN at step k on one rank").
-Only tests set it; the product has no fault switches.
+`LORAFORGE_TEST_ENOSPC_FLAG=path` (F17 where a tmpfs cannot be mounted): once `path` exists, writing
+a checkpoint's train state writes a few bytes and fails with ENOSPC, as a full disk does mid-file.
+Only tests set them; the product has no fault switches.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import os
 
 
 def install() -> None:
+    if os.environ.get("LORAFORGE_TEST_ENOSPC_FLAG"):
+        _disk_full_after_flag(os.environ["LORAFORGE_TEST_ENOSPC_FLAG"])
     spec = os.environ.get("LORAFORGE_TEST_NAN_AT")
     if not spec:
         return
@@ -40,3 +44,21 @@ def install() -> None:
         return (NanLossAt(wrapped) if self.worker.rank == on_rank else wrapped), optimizer
 
     strategies._DataParallel.wrap = wrap
+
+
+def _disk_full_after_flag(flag: str) -> None:
+    import errno
+    from pathlib import Path
+
+    from pipeline import checkpoint
+
+    original = checkpoint.save_state
+
+    def save_state(path, state):
+        if not Path(flag).exists():
+            return original(path, state)
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    checkpoint.save_state = save_state

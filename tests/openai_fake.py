@@ -4,7 +4,7 @@ It answers `GET /v1/models` and `POST /v1/chat/completions` over real HTTP, like
 JSON bodies, `usage`, `logprobs` when asked, 401 without the right bearer key, 429 with
 `Retry-After`, 5xx. Tests script its faults:
 
-- `faults`: request number (1-based, in arrival order) -> "429", "500", "503", "hang", "malformed";
+- `faults`: request number (1-based, in arrival order) -> "400", "429", "500", "503", "hang", "malformed";
 - `always_fail`: a marker; any request whose messages contain it gets a 500, every time;
 - `no_rating`: a marker; replies to messages containing it have no rating (re-asks too);
 - `latency_s`: added to every request (the B11 benchmark).
@@ -40,6 +40,7 @@ class FakeJudge:
     headers: list[dict] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # arrival time of each request
     statuses: list[int] = field(default_factory=list)  # the status each request got (in arrival order)
+    posts: int = 0  # every POST, those refused for their key (401) included
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reply_text(self, messages: list[dict]) -> str:
@@ -116,6 +117,8 @@ def _handler(judge: FakeJudge) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            with judge.lock:
+                judge.posts += 1
             if not self._authorized():
                 return
             with judge.lock:
@@ -131,6 +134,8 @@ def _handler(judge: FakeJudge) -> type[BaseHTTPRequestHandler]:
             text_in = "\n".join(m["content"] for m in body.get("messages", []))
             if body.get("model") != judge.model:
                 return self._error(404, f"The model `{body.get('model')}` does not exist")
+            if fault == "400":
+                return self._error(400, "Invalid value for 'messages'")
             if fault == "429":
                 return self._error(429, "Rate limit reached", {"Retry-After": judge.retry_after})
             if fault in ("500", "503") or (judge.always_fail and judge.always_fail in text_in):

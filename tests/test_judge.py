@@ -151,6 +151,23 @@ def test_persistent_errors_fail_items_with_their_reason_and_a_dead_judge_stops_e
         assert sum("not sent" in it["reason"] for it in items) == 7
 
 
+@pytest.mark.parametrize("status", [400, 401, 404])
+def test_client_errors_fail_at_once_without_a_retry(status: int, tmp_path: Path, monkeypatch):
+    """400 (bad request), 401 (wrong key), 404 (no such model): retrying cannot help, so one request each."""
+    monkeypatch.setenv("JUDGE_TEST_KEY", "the-right-key" if status != 401 else "a-wrong-key")
+    fake = FakeJudge(api_key="the-right-key", faults={1: "400"} if status == 400 else {})
+    with serve(fake) as url:
+        judge_spec = spec(url, tmp_path, api_key_env="JUDGE_TEST_KEY", max_retries=3, concurrency=1,
+                          question_ids=[81], turns=1, **({"model": "no-such-model"} if status == 404 else {}))
+        client = client_for(judge_spec, judge_spec.model)
+        questions = inputs.load_questions(judge_spec)
+        outcome = client.chat([{"role": "user", "content": questions[0].turns[0]}])
+        assert not hasattr(outcome, "text"), outcome  # a Failure, not a Reply
+        assert outcome.reason.startswith(f"HTTP {status}:"), outcome.reason
+        assert fake.posts == 1 and fake.statuses == ([] if status == 401 else [status])
+        assert client.usage.retries == 0 and client.usage.requests == 1 and client.usage.failed == 1
+
+
 class OrderAware(FakeJudge):
     """Prefers the answer that says GOOD, wherever it stands; with neither, always says A (position bias)."""
 
@@ -339,6 +356,43 @@ def test_loraforge_eval_judges_every_mode_and_the_key_reaches_nothing(tmp_path: 
     leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaks == []
     assert SECRET not in caplog.text and SECRET not in result.output
+
+
+@pytest.mark.slow
+def test_a_judge_outage_fails_loraforge_eval_with_exit_1_and_keeps_every_item(tmp_path: Path, tiny_causal_model: Path,
+                                                                              monkeypatch):
+    """More unscored items than judge.max_failed_fraction: the mode is failed, the command exits 1, results stay."""
+    from typer.testing import CliRunner
+
+    from pipeline import tracking
+    from pipeline.cli import app
+    from pipeline.eval import stage
+    from tests.conftest import write_yaml
+    from tests.test_eval_stage import save_adapter
+
+    monkeypatch.chdir(tmp_path)
+    fake = FakeJudge(faults={1: "500"})  # the first request fails; from the third on, the judge is down
+    with serve(fake) as url:
+        judge = {"base_url": url, "model": fake.model, "question_ids": [81, 82], "turns": 1, "max_retries": 0,
+                 "max_failed_fraction": 0.25}
+        raw = instruct_config(tmp_path, str(tiny_causal_model), judge, ["judge_single"])
+        config_path = write_yaml(tmp_path / "c.yaml", raw)
+        adapter = save_adapter(load_config(config_path, env={}), tmp_path / "adapter")
+        fake.always_fail = "[Question]"  # every single-answer prompt from now on (the probe lists models)
+        out = tmp_path / "results.json"
+        result = CliRunner().invoke(app, ["eval", str(config_path), "--model", str(adapter), "--json", str(out),
+                                          "--reports-dir", str(tmp_path / "reports")])
+    assert result.exit_code == 1, result.output
+    assert "judge_single" in result.output and "not scored" in result.output, result.output
+    results = json.loads(out.read_text())
+    stage.validate(results)
+    items = [it for it in results["items"] if it["suite"] == "judge_single"]
+    assert len(items) == 2 * 2 and {it["status"] for it in items} == {"failed"}  # questions x models, none lost
+    assert all("HTTP 500" in it["reason"] for it in items)
+    assert "over judge.max_failed_fraction=0.25" in results["failed"]["judge_single"]
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("judge-tests").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
 
 BAD_JUDGE = [

