@@ -642,6 +642,16 @@ def shuffled_grid(sweep: Any, seed: int, concurrency: int) -> tuple[dict[str, An
     return param_space, BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency), len(points)
 
 
+def make_search_alg(config: ExperimentConfig) -> Any:
+    """Tune's searcher for `sweep.searcher`: OptunaSearch (TPE, seeded by train.seed), or None for Tune's
+    own grid and random variant generation."""
+    if config.sweep.searcher != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=config.train.seed)
+
+
 def make_scheduler(sweep: Any, max_t: int, train_storage_path: Path | None = None) -> Any:
     """The Tune scheduler of `sweep.scheduler`; time is counted in evaluations (`training_iteration`)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
@@ -729,11 +739,7 @@ def run_sweep(
 
     sweep = config.sweep
     max_t = max(reports_per_trial(c, num_train_examples) for c in candidate_configs(config))
-    search_alg = None
-    if sweep.searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=config.train.seed)
+    search_alg = make_search_alg(config)
 
     # a folder, or an object store that Tune and Train reach through the same pyarrow filesystem
     store = Storage.of(config.ray.storage_path)

@@ -28,9 +28,9 @@ def linear_factor(step: int, warmup: int, total: int) -> float:
 def test_pbt_exploit_continues_from_the_better_trials_checkpoint_with_a_new_lr(tmp_path: Path, sst2_small, ray_local):
     # 160 rows / batch 16 = 10 steps an epoch, 2 epochs, an evaluation every 2 steps: 10 reports per trial
     raw = minilm_config(tmp_path, sst2_small, train={"epochs": 2, "eval_every_steps": 2, "log_every_steps": 1},
-                        # explore always redraws lr, so each generation's lr differs from the one it copied
+                        # explore never redraws lr: it perturbs the copied lr by Tune's factors, 1.2 or 0.8
                         sweep={"searcher": "random", "scheduler": "pbt", "num_samples": 2,
-                               "pbt": {"perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 1.0},
+                               "pbt": {"perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 0.0},
                                "parameters": {"train.lr": {"loguniform": [1e-6, 1e-2]}}})
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
     result = run_pipeline(config, reports_dir=tmp_path / "reports")
@@ -75,6 +75,7 @@ def test_pbt_exploit_continues_from_the_better_trials_checkpoint_with_a_new_lr(t
         assert after
         copied_lr = origin["result"]["lr"] / linear_factor(copied_step, warmup, total)  # what the copied state ran with
         assert exploit["train.lr"] != pytest.approx(copied_lr, rel=1e-3)
+        assert min(abs(exploit["train.lr"] / copied_lr - f) for f in (1.2, 0.8)) < 1e-6, (exploit, copied_lr)
         for s in after:
             assert logged[s] == pytest.approx(exploit["train.lr"] * linear_factor(s, warmup, total), rel=1e-6, abs=1e-12)
 
