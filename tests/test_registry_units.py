@@ -111,6 +111,49 @@ def test_outbox_queues_while_unreachable_and_replays_each_write_once(tmp_path: P
     assert not list((tmp_path / "outbox" / outbox.FILES).iterdir())  # copies removed once sent
 
 
+def test_loraforge_mlflow_sync_sends_what_a_run_queued_and_says_what_is_left(tmp_path: Path, monkeypatch):
+    from mlflow.entities import Metric
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    store = tracking.raw_client(uri)
+    run_id = store.create_run(store.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+    box = outbox.Outbox(tmp_path / "outbox")
+    dead = outbox.ResilientClient(tracking.raw_client("http://127.0.0.1:9"), box)
+    dead.log_batch(run_id, metrics=[Metric("loss", 0.7, 1000, 3)])
+    dead.set_terminated(run_id, "FINISHED")
+    runner = CliRunner()
+
+    out = runner.invoke(app, ["mlflow", "sync", str(tmp_path / "outbox"), "--tracking-uri", "http://127.0.0.1:9"])
+    assert out.exit_code == 1 and "sent 0 queued writes" in out.output and "2 left" in out.output
+    assert "still unreachable" in out.output
+    out = runner.invoke(app, ["mlflow", "sync", str(tmp_path / "outbox"), "--tracking-uri", uri])
+    assert out.exit_code == 0, out.output
+    assert "sent 2 queued writes" in out.output and "0 left" in out.output
+    run = store.get_run(run_id)
+    assert run.data.metrics == {"loss": 0.7} and run.info.status == "FINISHED"
+    assert box.pending() == 0
+    out = runner.invoke(app, ["mlflow", "sync", str(tmp_path / "nowhere"), "--tracking-uri", uri])
+    assert out.exit_code == 2 and "OUTBOX_DIR" in out.output and "Traceback" not in out.output
+
+
+def test_a_second_sweep_of_the_same_name_gets_a_suffix_never_the_first_ones_state(tmp_path: Path):
+    from pipeline.storage import Storage
+    from pipeline.sweep import unique_run_name
+
+    store = Storage.of(str(tmp_path / "results"))
+    store.mkdirs(store.root)
+    assert unique_run_name(store, "exp") == "exp"
+    store.mkdirs(store.path("exp"))
+    assert unique_run_name(store, "exp") == "exp-2"
+    store.mkdirs(store.path("exp-2"))
+    store.mkdirs(store.path("exp-4"))
+    assert unique_run_name(store, "exp") == "exp-3"
+
+
 def test_promote_refuses_an_empty_gate_and_an_unexplained_force(tmp_path: Path, sst2_small):
     from pipeline.config import ConfigError, load_config
     from pipeline.registry import promotion
