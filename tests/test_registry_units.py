@@ -71,42 +71,18 @@ def test_redaction_masks_uri_credentials_secret_fields_and_env_values(monkeypatc
 
 def test_outbox_queues_while_unreachable_and_replays_each_write_once(tmp_path: Path, monkeypatch):
     """Writes to a dead server wait on disk; replayed into a real store, twice, they land once."""
-    from mlflow.entities import Metric, Param
+    from tests.support.outbox_replay import DEAD, assert_landed_once, queue_writes, replay_twice
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     store = tracking.raw_client(f"sqlite:///{tmp_path / 'm.db'}")
     experiment = store.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
     run_id = store.create_run(experiment).info.run_id
     box = outbox.Outbox(tmp_path / "outbox")
-    dead = outbox.ResilientClient(tracking.raw_client("http://127.0.0.1:9"), box)
-    dead.log_batch(run_id, metrics=[Metric("loss", 1.5, 1000, 1), Metric("loss", 1.2, 2000, 2)],
-                   params=[Param("lr", "0.003")])
-    dead.set_tag(run_id, "stage", "training")
-    artifact = tmp_path / "note.txt"
-    artifact.write_text("kept")
-    dead.log_artifact(run_id, str(artifact), "notes")
-    artifact.unlink()  # the caller's temp file is gone; the outbox kept a copy
-    dead.log_text(run_id, "a: 1\n", "config.yaml")
-    dead.set_terminated(run_id, "FINISHED")
-    assert box.pending() == 5  # metrics+params, the tag, two artifacts, the status
-
-    assert box.drain(tracking.raw_client("http://127.0.0.1:9")) == (0, 5)  # still away: nothing lost
-    # a replay that died after sending, before it rewrote the queue, leaves every entry to be sent again
-    queue = next(iter(box.queues()))
-    unsent = queue.read_bytes()
-    files = {p: p.read_bytes() for p in (tmp_path / "outbox" / outbox.FILES).rglob("*") if p.is_file()}
-    assert box.drain(store) == (5, 0)
-    queue.write_bytes(unsent)
-    for path, content in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-    assert box.drain(store) == (5, 0)  # replayed a second time
-    assert box.drain(store) == (0, 0)
-    run = store.get_run(run_id)
-    assert [(m.step, m.value) for m in store.get_metric_history(run_id, "loss")] == [(1, 1.5), (2, 1.2)]
-    assert run.data.params == {"lr": "0.003"} and run.data.tags["stage"] == "training"
-    assert run.info.status == "FINISHED"
-    assert {a.path for a in store.list_artifacts(run_id)} == {"notes", "config.yaml"}
+    queued = queue_writes(box, run_id, tmp_path)
+    assert box.pending() == queued == 5
+    assert box.drain(tracking.raw_client(DEAD)) == (0, 5)  # still away: nothing lost
+    assert replay_twice(box, store) == [(5, 0), (5, 0), (0, 0)]
+    assert_landed_once(store, run_id)
     assert box.sent_total() == 10
     assert not list((tmp_path / "outbox" / outbox.FILES).iterdir())  # copies removed once sent
 

@@ -108,6 +108,21 @@ def test_sweep_over_http_as_a_non_admin_user_survives_the_server_dying(tmp_path:
     assert {"adapter_model.safetensors", "MLmodel", "config.yaml", "report.md"} <= stored
 
 
+def test_an_outbox_replayed_twice_into_the_server_lands_once(tmp_path: Path, mlflow_server, monkeypatch):
+    """The duplicate replay against what the outbox exists for: the HTTP server with PostgreSQL behind it."""
+    from pipeline import outbox
+    from tests.support.outbox_replay import assert_landed_once, queue_writes, replay_twice
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with env(mlflow_server.admin()):
+        server = tracking.raw_client(mlflow_server.uri)
+        run_id = server.create_run(server.create_experiment("outbox-replay")).info.run_id
+        box = outbox.Outbox(tmp_path / "outbox")
+        assert queue_writes(box, run_id, tmp_path) == box.pending() == 5
+        assert replay_twice(box, server) == [(5, 0), (5, 0), (0, 0)]
+        assert_landed_once(server, run_id)
+
+
 def test_bad_credentials_and_missing_permissions_exit_2_naming_the_fix(tmp_path: Path, sst2_small, mlflow_server):
     mlflow_server.create_user("bob", "bob-password-12")
     mlflow_server.create_user("carol", "carol-password-1")
