@@ -43,7 +43,57 @@ def check_trials(result, config) -> None:
         assert reloaded[metric] == pytest.approx(trial.best_metric, rel=1e-4, abs=1e-6), trial_config.strategy.kind
 
 
-def test_strategies_swept_on_minilm(tmp_path: Path, sst2_small, ray_local):
+@pytest.fixture(scope="module")
+def ray_with_facts(tmp_path_factory):
+    """A Ray instance whose Train workers record what their model is (tests/fault_hooks.py)."""
+    import ray
+
+    from tests.conftest import REPO
+
+    facts = tmp_path_factory.mktemp("facts")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={
+        "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+                     "LORAFORGE_TEST_FACTS_DIR": str(facts)},
+        "worker_process_setup_hook": "tests.fault_hooks.install",
+    })
+    yield facts
+    ray.shutdown()
+
+
+def worker_facts(folder: Path, since: float) -> dict[str, list[dict]]:
+    import json
+
+    found: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("*.json")):
+        if path.stat().st_mtime >= since:
+            fact = json.loads(path.read_text())
+            found.setdefault(fact["kind"], []).append(fact)
+    return found
+
+
+def check_memory_strategies(facts: dict[str, list[dict]]) -> None:
+    """Each of the 2 workers of each trial: the base in NF4 with double quantization (QLoRA); the base
+    partitioned across the workers, the optimizer's fp32 master weights on the CPU (ZeRO-3 offload)."""
+    assert sorted(f["rank"] for f in facts["qlora"]) == [0, 1]
+    for fact in facts["qlora"]:
+        assert fact["linear4bit"] > 0 and fact["with_quant_state"] == fact["linear4bit"] and fact["uint8_storage"]
+        assert fact["quant_types"] == ["nf4"] and fact["double_quant"]
+        assert fact["lora_on_4bit"] == fact["lora_layers"] > 0  # every adapted layer's base is a 4-bit layer
+    assert sorted(f["rank"] for f in facts["zero3_offload"]) == [0, 1]
+    for fact in facts["zero3_offload"]:
+        assert fact["stage"] == 3 and fact["offload_optimizer"]
+        assert fact["partitioned"] == fact["base_params"] > 0  # every frozen parameter is a ZeRO-3 shard
+        # each worker holds about half of the base (DeepSpeed pads each shard a little)
+        assert 0.45 * fact["base_numel"] <= fact["local_numel"] <= 0.55 * fact["base_numel"] + 1024 * fact["base_params"]
+        assert fact["inner_optimizer"] == "DeepSpeedCPUAdam" and fact["fp32_master_devices"] == ["cpu"]
+
+
+def test_strategies_swept_on_minilm(tmp_path: Path, sst2_small, ray_with_facts):
+    import time
+
+    began = time.time()
     config = load_config(write_yaml(tmp_path / "c.yaml", minilm_config(
         tmp_path, sst2_small, train={"num_workers": 2, "batch_size": 16, "eval_every_steps": 3, "lr": 3e-3},
         sweep={"parameters": {"strategy": {"grid": STRATEGIES}}},
@@ -52,9 +102,13 @@ def test_strategies_swept_on_minilm(tmp_path: Path, sst2_small, ray_local):
     check_trials(result, config)
     assert {t.sampled["strategy"]["kind"] for t in result.sweep.trials} == {"zero3_offload", "qlora"}
     assert result.eval_metrics["eval_accuracy"] == pytest.approx(result.sweep.best.best_metric)
+    check_memory_strategies(worker_facts(ray_with_facts, began))
 
 
-def test_strategies_swept_on_a_tiny_causal_lm(tmp_path: Path, tiny_causal_model: Path, ray_local):
+def test_strategies_swept_on_a_tiny_causal_lm(tmp_path: Path, tiny_causal_model: Path, ray_with_facts):
+    import time
+
+    began = time.time()
     section = {"kind": "data_to_text",
                "train_path": str(head_jsonl("e2e/train.jsonl", tmp_path / "train.jsonl", 64)),
                "eval_path": str(head_jsonl("e2e/dev.jsonl", tmp_path / "eval.jsonl", 24))}
@@ -66,3 +120,4 @@ def test_strategies_swept_on_a_tiny_causal_lm(tmp_path: Path, tiny_causal_model:
     check_trials(result, config)
     assert result.eval_metrics["eval_loss"] < base_model_loss(config) - 0.05
     torch.testing.assert_close(result.eval_metrics["eval_loss"], result.sweep.best.best_metric, rtol=1e-5, atol=0)
+    check_memory_strategies(worker_facts(ray_with_facts, began))
