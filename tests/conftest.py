@@ -94,7 +94,9 @@ def minilm_config(tmp: Path, sst2: dict[str, Path], **sections) -> dict:
             "tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": "tests",
             "registered_model_name": "test-sst2-lora",
         },
-        "ray": {"storage_path": str(tmp / "ray_results")},
+        # Ray's processes on demand: on 2 cores the warm pool's extra processes cost more than they save
+        # (B2); tests/test_warmpool.py turns it on
+        "ray": {"storage_path": str(tmp / "ray_results"), "warm_workers": False},
     }
     for key, value in sections.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
@@ -228,12 +230,11 @@ def ray_local():
     """The tests' shared local Ray instance, started on first use and kept for the next test that asks.
 
     A test that needs an instance of its own (fault hooks, a planted environment, a killed driver)
-    shuts Ray down and starts its own; the next test that asks for this one starts it again. Ray's
-    idle workers stay between tests, with the training modules preloaded as `loraforge run` preloads them.
+    shuts Ray down and starts its own; the next test that asks for this one starts it again. No
+    modules are preloaded into its workers: on 2 busy cores every Ray helper process importing the
+    training stack costs more CPU than it saves (B2).
     """
     import ray
-
-    from pipeline import warmpool
 
     if _shared_ray_alive(ray):
         yield ray
@@ -246,7 +247,6 @@ def ray_local():
         ray.shutdown()
     started = time.time() - 1
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             _system_config={"preload_python_modules": warmpool.PRELOAD_MODULES},
              runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
     _SHARED_RAY["gcs"] = ray.get_runtime_context().gcs_address
     _SHARED_RAY["pids"] = [p.pid for p in psutil.Process().children(recursive=True)

@@ -29,7 +29,7 @@ def causal_config(tmp: Path, model_dir: Path, data_section: dict, name: str) -> 
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": name,
                      "registered_model_name": f"{name}-lora"},
         "eval": {"suites": []},
-        "ray": {"storage_path": str(tmp / "ray_results")},
+        "ray": {"storage_path": str(tmp / "ray_results"), "warm_workers": False},
     }
 
 

@@ -31,7 +31,7 @@ def e2e_config(tmp: Path, model: str, **eval_section) -> dict:
         "eval": {"generation": {"max_new_tokens": 8, "batch_size": 4}, **eval_section},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": "eval-tests",
                      "registered_model_name": "eval-test-lora"},
-        "ray": {"storage_path": str(tmp / "ray_results"), "num_cpus": 2},
+        "ray": {"storage_path": str(tmp / "ray_results"), "num_cpus": 2, "warm_workers": False},
     }
 
 

@@ -119,8 +119,9 @@ def test_f1_killed_worker_resumes_from_its_checkpoint_and_matches_an_uninterrupt
     """ZeRO-3, 2 workers: a worker SIGKILLed mid-epoch restarts the group from the last checkpoint."""
     start_ray()
     strategy = {"kind": "zero3_offload"}
-    golden = experiment(tmp_path / "golden", sst2_small, "golden", strategy, max_failures=2)
-    faulty = experiment(tmp_path / "faulty", sst2_small, "faulty", strategy, max_failures=2)
+    # 2 epochs of 5 steps per worker (160 rows, batch 16, 2 workers): 10 steps, a checkpoint every 2
+    golden = experiment(tmp_path / "golden", sst2_small, "golden", strategy, max_failures=2, epochs=2)
+    faulty = experiment(tmp_path / "faulty", sst2_small, "faulty", strategy, max_failures=2, epochs=2)
 
     clean = run_pipeline(golden)
     record: dict = {}
@@ -134,13 +135,13 @@ def test_f1_killed_worker_resumes_from_its_checkpoint_and_matches_an_uninterrupt
     client, run = trial_run(faulty)
     assert run.data.tags["loraforge.worker_restarts"] == "1"  # one failure, counted once
     resumed_from = int(run.data.tags["loraforge.resumed_from_step"])
-    assert 2 <= resumed_from < 15  # mid-run, from a committed checkpoint, not from scratch
-    assert trial.last_result["worker_restarts"] == 1 and trial.last_result["step"] == 15
+    assert 2 <= resumed_from < 10  # mid-run, from a committed checkpoint, not from scratch
+    assert trial.last_result["worker_restarts"] == 1 and trial.last_result["step"] == 10
 
     # same final metric and same adapter as the run nobody interrupted (CPU, fp32: exact up to float noise)
     assert trial.last_result["eval_accuracy"] == clean.sweep.trials[0].last_result["eval_accuracy"]
     final_clean, final_resumed = checkpoints(golden)[-1], checkpoints(faulty)[-1]
-    assert ckpt.step_of(final_clean) == ckpt.step_of(final_resumed) == 15
+    assert ckpt.step_of(final_clean) == ckpt.step_of(final_resumed) == 10
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (final_clean, final_resumed))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
@@ -150,7 +151,9 @@ def test_f1_killed_worker_resumes_from_its_checkpoint_and_matches_an_uninterrupt
 
 def test_f2_more_failures_than_allowed_fail_the_trial_and_keep_its_checkpoint(tmp_path: Path, sst2_small, start_ray):
     start_ray()
-    config = experiment(tmp_path, sst2_small, "f2", max_failures=0)
+    # the run ends at the kill (no failures allowed), so a long run costs nothing and the kill, however
+    # late a loaded machine lets the watcher see the first checkpoint, lands while the trial still trains
+    config = experiment(tmp_path, sst2_small, "f2", max_failures=0, epochs=20)
     record: dict = {}
     watcher = when_checkpointed(config, lambda: kill_a_worker(record))
     with pytest.raises(SweepError, match="no trial reported"):
@@ -213,7 +216,7 @@ def test_f17_disk_full_while_checkpointing_fails_cleanly_and_keeps_the_previous_
             except OSError:
                 pass
 
-        config = experiment(tmp_path, sst2_small, "f17", num_workers=1, max_failures=0)
+        config = experiment(tmp_path, sst2_small, "f17", num_workers=1, max_failures=0, epochs=20)  # ends at the fault
         watcher = when_checkpointed(config, fill)
         with pytest.raises(SweepError, match="disk full at"):
             run_pipeline(config)

@@ -268,7 +268,7 @@ def instruct_config(tmp: Path, model: str, judge: dict, suites: list[str]) -> di
         "judge": {"cache_dir": str(tmp / "judge-cache"), "backoff_s": 0.05, "timeout_s": 5, **judge},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": "judge-tests",
                      "registered_model_name": "judge-test-lora"},
-        "ray": {"storage_path": str(tmp / "ray_results"), "num_cpus": 2},
+        "ray": {"storage_path": str(tmp / "ray_results"), "num_cpus": 2, "warm_workers": False},
     }
 
 

@@ -41,7 +41,8 @@ def trial_runs(config_uri: str, experiment: str) -> list:
 
 
 def test_f6_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Path, sst2_small):
-    raw = minilm_config(tmp_path, sst2_small, train={"epochs": 2, "eval_every_steps": 2})
+    # 10 steps a trial, a checkpoint every 2: enough for a trial to be caught between checkpoints
+    raw = minilm_config(tmp_path, sst2_small, train={"epochs": 1, "eval_every_steps": 2})
     raw["name"] = "f6"
     # one trial per config: a packed sweep's kill and resume is tests/test_pack.py's
     raw["sweep"] = {"searcher": "grid", "scheduler": "fifo", "max_concurrent_trials": 1, "pack_size": 1,

@@ -27,6 +27,7 @@ def test_trials_after_the_first_run_in_prestarted_workers(tmp_path: Path, sst2_s
     raw = minilm_config(tmp_path, sst2_small, sweep={"parameters": {"train.seed": {"grid": [0, 1, 2]}},
                                                      "max_concurrent_trials": 1})
     raw["train"]["eval_every_steps"] = 10
+    raw["ray"]["warm_workers"] = True  # the product's default, which the other tests turn off
     config = load_config(write_yaml(tmp_path / "warm.yaml", raw), env={})
     assert config.ray.warm_workers
     try:
