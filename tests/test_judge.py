@@ -447,8 +447,9 @@ def test_the_offline_default_judge_is_transformers_serve_on_loopback(tmp_path: P
     from pipeline.eval.judge import stage as judge_stage
     from tests.conftest import write_yaml
 
-    raw = instruct_config(tmp_path, str(tiny_causal_model), {"max_tokens": 24, "question_ids": [81], "turns": 1},
-                          ["judge_single"])
+    # timeout_s 60: the first request to a fresh server on a loaded 2-core machine took over the helper's 5 s
+    raw = instruct_config(tmp_path, str(tiny_causal_model), {"max_tokens": 24, "question_ids": [81], "turns": 1,
+                                                             "timeout_s": 60}, ["judge_single"])
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
     assert config.judge.base_url is None
     with judge_stage.session(config) as judge:
