@@ -249,8 +249,10 @@ def test_memory_planner_estimate_against_measured_peak_rss(tmp_path: Path, sst2_
     ratio = figures["measured"] / figures["estimated"]
     print(f"planner: estimated {figures['estimated'] / 2**20:.0f} MiB, measured peak RSS growth "
           f"{figures['measured'] / 2**20:.0f} MiB (ratio {ratio:.2f})")
-    # an estimate, not an accounting: within a factor of two either way, and it grows with the pack
-    assert 0.5 < ratio < 2.0, figures
+    # an estimate, not an accounting, but one a pack is sized by: it must not fall short of the measured
+    # peak (a pack that does not fit fails mid-sweep) and should not overstate it by more than 1/0.6
+    # (packs too small). Measured 0.80 at 113a781 (3550 MiB of 4419 MiB estimated).
+    assert 0.6 <= ratio <= 1.05, figures
     one, four = (planner.estimate(configs[:n]).total() for n in (1, 4))
     assert four > one + 2 * planner.estimate(configs[:1]).activation_bytes[0]
 
