@@ -246,7 +246,8 @@ def test_a_failing_suite_keeps_the_finished_ones(tmp_path: Path, tiny_causal_mod
         raise RuntimeError("METEOR died")
 
     monkeypatch.setattr(e2e_metrics, "score", broken)
-    raw = e2e_config(tmp_path, str(tiny_causal_model), suites=["perplexity", "e2e_nlg"], e2e_nlg={"max_instances": 2})
+    raw = e2e_config(tmp_path, str(tiny_causal_model), suites=["perplexity", "e2e_nlg", "lm_eval"],
+                     e2e_nlg={"max_instances": 2}, lm_eval={"tasks": ["sst2_mc"], "limit": 8, "batch_size": 4})
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
     adapter = save_adapter(config, tmp_path / "adapter")
     other = save_adapter(config.model_copy(update={"lora": config.lora.model_copy(update={"r": 2})}), tmp_path / "a2")
@@ -255,7 +256,19 @@ def test_a_failing_suite_keeps_the_finished_ones(tmp_path: Path, tiny_causal_mod
     result = stage.run_stage(config, model_ref=str(adapter), json_out=tmp_path / "r.json", trials=trials)
     assert result.failed == {"e2e_nlg": "RuntimeError: METEOR died"}
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert set(saved["suites"]) == {"perplexity"} and saved["failed"] == result.failed
+    assert set(saved["suites"]) == {"perplexity", "lm_eval"} and saved["failed"] == result.failed
+    # lm-eval's own results file for each model is kept with the run, and agrees with the suite's figure
+    from pipeline import tracking
+
+    client = tracking.client(config.tracking.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("eval-tests").experiment_id])[0]
+    assert {"lm_eval_results_candidate.json", "lm_eval_results_base.json"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)}
+    for role in ("candidate", "base"):
+        kept = json.loads(Path(client.download_artifacts(run.info.run_id, f"lm_eval_results_{role}.json",
+                                                         str(tmp_path / "dl"))).read_text())
+        assert kept["results"]["sst2_mc"]["acc,none"] == pytest.approx(saved["suites"]["lm_eval"][role]["sst2_mc_acc"])
+        assert kept["config"]["limit"] == 8
     # eval.all_trials: each trial scored once; the winner's scores are the candidate's
     assert set(saved["suites"]["perplexity"]) == {"candidate", "base"}
     assert saved["trials"]["t0"]["suites"]["perplexity"] == saved["suites"]["perplexity"]["candidate"]
