@@ -208,51 +208,22 @@ def sst2_sweep(tmp_path_factory: pytest.TempPathFactory, sst2_small):
     return config, config_path, result, tmp, version
 
 
-_SHARED_RAY: dict = {}
-
-
-def _shared_ray_alive(ray) -> bool:
-    """Is the initialized instance the shared one, with its GCS and raylet still running?
-
-    `ray stop --force` (tests/test_resume.py, the cluster fixture's stop) ends every Ray instance on the
-    machine, this process's too, while `ray.is_initialized()` stays True.
-    """
-    import psutil
-
-    if not ray.is_initialized() or _SHARED_RAY.get("gcs") != ray.get_runtime_context().gcs_address:
-        return False
-    return all(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-               for pid in _SHARED_RAY["pids"])
-
-
 @pytest.fixture()
 def ray_local():
-    """The tests' shared local Ray instance, started on first use and kept for the next test that asks.
+    """A fresh local Ray instance for one test (the pipeline reuses an initialized one).
 
-    A test that needs an instance of its own (fault hooks, a planted environment, a killed driver)
-    shuts Ray down and starts its own; the next test that asks for this one starts it again. No
-    modules are preloaded into its workers: on 2 busy cores every Ray helper process importing the
-    training stack costs more CPU than it saves (B2).
+    Not shared between tests: `ray stop --force` (the cluster fixture's stop, the driver-kill tests)
+    ends every Ray instance on the machine, and a driver whose GCS is gone exits within a minute,
+    pytest with it. Its workers preload nothing (on 2 busy cores that costs more than it saves: B2).
     """
     import ray
 
-    if _shared_ray_alive(ray):
-        yield ray
-        return
-    import time
-
-    import psutil
-
     if ray.is_initialized():
         ray.shutdown()
-    started = time.time() - 1
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
-    _SHARED_RAY["gcs"] = ray.get_runtime_context().gcs_address
-    _SHARED_RAY["pids"] = [p.pid for p in psutil.Process().children(recursive=True)
-                           if p.name() in ("gcs_server", "raylet") and p.create_time() >= started]
-    assert len(_SHARED_RAY["pids"]) == 2, f"expected the new instance's GCS and raylet: {_SHARED_RAY}"
     yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
