@@ -24,6 +24,19 @@ import psutil
 BIN = Path(sys.executable).parent
 
 
+def stop_every_ray(env: dict[str, str] | None = None) -> None:
+    """`ray stop --force`, which ends every Ray instance on the machine, after ending this process's own.
+
+    A driver whose GCS is killed under it exits a minute later, and pytest is such a driver whenever a
+    test left `ray.init()`'s instance running (the pipeline and the eval stage start one and keep it).
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,7 +146,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         # `ray stop` on this cluster's HOME, then anything of its temp dirs still alive
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env(), capture_output=True, timeout=120)
+        stop_every_ray(self.env())
         # a job's driver (`python jobs/sweep.py`, run by its supervisor actor) names no temp dir, but it
         # runs in the job's working dir under one: left alive it would load the machine for later tests
         root = f"{self.short}/"  # every node's temp dir is under it, a killed node's too

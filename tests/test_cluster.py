@@ -33,6 +33,10 @@ SWEEP = [
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
+    import ray
+
+    if ray.is_initialized():  # an instance an earlier test left in this process: its stop would kill it under us
+        ray.shutdown()
     c = LocalCluster(tmp_path_factory.mktemp("cluster"))
     try:
         c.start_head(num_cpus=2)

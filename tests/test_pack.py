@@ -30,6 +30,7 @@ from pipeline import adapters, data, pack, planner, sweep, tracking
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.strategies import PlainLora, Worker
 from tests.conftest import REPO, head_jsonl, minilm_config, write_yaml
+from tests.ray_cluster import stop_every_ray
 
 SEED, STEPS, BATCH = 3, 6, 8
 POINTS = [
@@ -286,7 +287,7 @@ def test_packed_sweep_halves_at_equal_budgets_resumes_and_registers_the_best(tmp
     assert len(manifests) >= 2 and driver.poll() is None, driver.communicate()[0][-3000:] if driver.poll() else ""
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    stop_every_ray()  # the killed driver's instance (and, first, any this process still has)
 
     resumed = _cli(str(path), "--resume", cwd=tmp_path)
     output, _ = resumed.communicate(timeout=600)

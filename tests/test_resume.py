@@ -20,6 +20,7 @@ import pytest
 
 from pipeline import tracking
 from tests.conftest import REPO, minilm_config, write_yaml
+from tests.ray_cluster import stop_every_ray
 from tests.sockets import ListenerWatch, assert_loopback_only
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def test_f6_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Pa
     interrupted_id = running[0].parent.parent.name.removeprefix("train-")
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    stop_every_ray()  # the killed driver's instance (and, first, any this process still has)
 
     finished_dir = next(storage.glob(f"f6/train/train-{finished_id}"))
     before = sorted(p.name for p in finished_dir.glob("checkpoint_*"))
