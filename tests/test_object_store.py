@@ -40,13 +40,21 @@ def s3():
         server.stop()
 
 
-def bucket_objects(endpoint: str) -> dict[str, bytes]:
+def _client(endpoint: str):
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
-    return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def bucket_keys(endpoint: str) -> list[str]:
+    pages = _client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def bucket_objects(endpoint: str) -> dict[str, bytes]:
+    client = _client(endpoint)
+    return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in bucket_keys(endpoint)}
 
 
 def storage_uri(endpoint: str, prefix: str) -> str:
@@ -143,3 +151,55 @@ def test_storage_uri_problems_are_named_before_any_work(tmp_path: Path, sst2_sma
         assert result.exit_code == 2, (name, result.output)
         assert expected in result.output and "Traceback" not in result.output, (name, result.output)
     assert not (tmp_path / "mlruns.db").exists()  # refused before MLflow or Ray was touched
+
+
+def test_a_sweep_killed_mid_trial_resumes_from_the_bucket(tmp_path: Path, sst2_small, s3):
+    """The driver SIGKILLed while its second trial trains, checkpoints and Tune state on S3 only:
+    `--resume` reads them back from the bucket, keeps the finished trial and continues the other."""
+    import signal
+    import time
+
+    from tests.ray_cluster import stop_every_ray
+    from tests.support.driver import loraforge_run, trial_runs
+
+    raw = minilm_config(tmp_path, sst2_small, train={"epochs": 1, "eval_every_steps": 2})
+    raw["name"] = "killed-on-s3"
+    raw["sweep"] = {"searcher": "grid", "scheduler": "fifo", "max_concurrent_trials": 1, "pack_size": 1,
+                    "parameters": {"lora.r": {"grid": [2, 4]}}}
+    raw["ray"]["storage_path"] = storage_uri(s3, "killed")
+    path = write_yaml(tmp_path / "c.yaml", raw)
+    uri = raw["tracking"]["tracking_uri"]
+    run_env = {**AWS, "LORAFORGE_STORAGE_CACHE": str(tmp_path / "cache")}
+
+    def manifests() -> list[str]:
+        return [k for k in bucket_keys(s3) if k.startswith("killed/killed-on-s3/train/") and k.endswith("/MANIFEST.rank0.json")]
+
+    driver = loraforge_run(str(path), cwd=tmp_path, env=run_env, start_new_session=True)
+    deadline, finished, running = time.time() + 400, None, []
+    while time.time() < deadline and driver.poll() is None and not running:
+        done = [r for r in trial_runs(uri, "tests") if r.data.tags.get("loraforge.trial_status") == "DONE"]
+        if done:
+            finished = done[0].data.tags["loraforge.trial_id"]
+            running = [k for k in manifests() if f"/train-{finished}/" not in k]
+        time.sleep(0.2)
+    assert running and driver.poll() is None, "the second trial never checkpointed while the driver lived"
+    interrupted = running[0].split("/train-")[1].split("/")[0]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    stop_every_ray()
+    finished_objects = {k: v for k, v in bucket_objects(s3).items() if f"/train-{finished}/" in k}
+
+    resumed = loraforge_run(str(path), "--resume", cwd=tmp_path, env=run_env)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resuming sweep" in output and "killed-on-s3: 2 trials" in output
+    assert not (tmp_path / "ray_results").exists()  # nothing of the sweep on local disk
+
+    runs = trial_runs(uri, "tests")
+    assert len(runs) == 2 and {r.data.tags["loraforge.trial_status"] for r in runs} == {"DONE"}
+    # the finished trial was not rerun: its objects in the bucket are the same ones
+    assert {k: v for k, v in bucket_objects(s3).items() if f"/train-{finished}/" in k} == finished_objects
+    continued = next(r for r in runs if r.data.tags["loraforge.trial_id"] == interrupted)
+    assert int(continued.data.tags["loraforge.resumed_from_step"]) >= 2  # from its checkpoint in the bucket
+    assert tracking.client(uri).get_model_version_by_alias("test-sst2-lora", "candidate").run_id in {
+        r.info.run_id for r in runs}

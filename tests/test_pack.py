@@ -31,6 +31,7 @@ from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.strategies import PlainLora, Worker
 from tests.conftest import REPO, head_jsonl, minilm_config, write_yaml
 from tests.ray_cluster import stop_every_ray
+from tests.support.driver import loraforge_run
 
 SEED, STEPS, BATCH = 3, 6, 8
 POINTS = [
@@ -261,13 +262,6 @@ def test_memory_planner_estimate_against_measured_peak_rss(tmp_path: Path, sst2_
 # ------------------------------------------------------------------------------- a whole packed sweep
 
 
-def _cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
 @pytest.mark.slow
 def test_packed_sweep_halves_at_equal_budgets_resumes_and_registers_the_best(tmp_path: Path, sst2_small):
     raw = minilm_config(tmp_path, sst2_small, train={"epochs": 2}, sweep={
@@ -278,7 +272,7 @@ def test_packed_sweep_halves_at_equal_budgets_resumes_and_registers_the_best(tmp
     storage = Path(raw["ray"]["storage_path"])
 
     # the driver is killed once the pack has committed its second checkpoint (after the first rung)
-    driver = _cli(str(path), cwd=tmp_path, start_new_session=True)
+    driver = loraforge_run(str(path), cwd=tmp_path, start_new_session=True)
     deadline = time.time() + 400
     manifests = []
     while time.time() < deadline and driver.poll() is None and len(manifests) < 2:
@@ -289,7 +283,7 @@ def test_packed_sweep_halves_at_equal_budgets_resumes_and_registers_the_best(tmp
     driver.wait()
     stop_every_ray()  # the killed driver's instance (and, first, any this process still has)
 
-    resumed = _cli(str(path), "--resume", cwd=tmp_path)
+    resumed = loraforge_run(str(path), "--resume", cwd=tmp_path)
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output[-3000:]
     assert "resuming sweep" in output and "4 configs in 1 packs" in output

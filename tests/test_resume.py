@@ -11,34 +11,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pipeline import tracking
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.conftest import minilm_config, write_yaml
 from tests.ray_cluster import stop_every_ray
 from tests.sockets import ListenerWatch, assert_loopback_only
+from tests.support.driver import loraforge_run as cli, trial_runs
 
 pytestmark = pytest.mark.slow
-
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def trial_runs(config_uri: str, experiment: str) -> list:
-    client = tracking.client(config_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    return client.search_runs([found.experiment_id], "tags.`loraforge.trial_id` != ''")
 
 
 def test_f6_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Path, sst2_small):
