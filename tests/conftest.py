@@ -218,10 +218,9 @@ def ray_local():
     """
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
+    from tests.ray_cluster import start_local_ray
+
+    start_local_ray()
     yield ray
     ray.shutdown()
 

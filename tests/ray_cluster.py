@@ -37,6 +37,22 @@ def stop_every_ray(env: dict[str, str] | None = None) -> None:
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+def start_local_ray(*, hooks: bool = False, **env: str) -> None:
+    """A fresh local Ray instance in this process, as the tests use it (ending any it had).
+
+    `hooks`: every worker runs tests/fault_hooks.py's setup hook, which reads its switches from `env`.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    runtime_env: dict = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1", **env}}
+    if hooks:
+        runtime_env["env_vars"]["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        runtime_env["worker_process_setup_hook"] = "tests.fault_hooks.install"
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,7 +26,7 @@ from pipeline import tracking
 from pipeline.config import load_config
 from pipeline.run import run_pipeline
 from pipeline.sweep import SweepError
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.conftest import minilm_config, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +35,9 @@ pytestmark = pytest.mark.slow
 def start_ray():
     import ray
 
-    def start(**env: str) -> None:
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={
-            "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1",
-                         "PYTHONPATH": str(REPO), **env},
-            "worker_process_setup_hook": "tests.fault_hooks.install",
-        })
+    from tests.ray_cluster import start_local_ray
 
-    yield start
+    yield lambda **env: start_local_ray(hooks=True, **env)
     ray.shutdown()
 
 

@@ -48,16 +48,10 @@ def ray_with_facts(tmp_path_factory):
     """A Ray instance whose Train workers record what their model is (tests/fault_hooks.py)."""
     import ray
 
-    from tests.conftest import REPO
+    from tests.ray_cluster import start_local_ray
 
     facts = tmp_path_factory.mktemp("facts")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={
-        "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-                     "LORAFORGE_TEST_FACTS_DIR": str(facts)},
-        "worker_process_setup_hook": "tests.fault_hooks.install",
-    })
+    start_local_ray(hooks=True, LORAFORGE_TEST_FACTS_DIR=str(facts))
     yield facts
     ray.shutdown()
 
