@@ -24,6 +24,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 SKIP_ALLOWLIST: dict[str, str] = {}
 
 
+def _strict_skips() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def _unexpected_skips(terminalreporter) -> list[str]:
     found = []
     for report in terminalreporter.stats.get("skipped", []):
@@ -36,7 +40,7 @@ def _unexpected_skips(terminalreporter) -> list[str]:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skips = _unexpected_skips(terminalreporter)
     if skips:
-        strict = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+        strict = _strict_skips()
         terminalreporter.section("skips not on the allowlist (tests/conftest.py SKIP_ALLOWLIST)", red=strict)
         for line in skips:
             terminalreporter.line(line)
@@ -46,8 +50,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    strict = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    if strict and reporter is not None and exitstatus == 0 and _unexpected_skips(reporter):
+    if _strict_skips() and reporter is not None and exitstatus == 0 and _unexpected_skips(reporter):
         session.exitstatus = 1
 
 
@@ -173,6 +176,7 @@ def sst2_sweep(tmp_path_factory: pytest.TempPathFactory, sst2_small):
     from pipeline import tracking
     from pipeline.config import load_config
     from pipeline.run import run_pipeline
+    from tests.mlflow_service import env
 
     tmp = tmp_path_factory.mktemp("sst2-sweep")
     raw = minilm_config(
@@ -189,20 +193,14 @@ def sst2_sweep(tmp_path_factory: pytest.TempPathFactory, sst2_small):
     )
     config_path = write_yaml(tmp / "c.yaml", raw)
     config = load_config(config_path, env={})
-    saved = {k: os.environ.get(k) for k in PLANTED_SECRETS}
-    os.environ.update(PLANTED_SECRETS)
     # a Ray instance of its own, started after the secrets are in the environment its workers inherit
     if ray.is_initialized():
         ray.shutdown()
-    try:
-        result = run_pipeline(config, reports_dir=tmp / "reports")
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with env(PLANTED_SECRETS):
+        try:
+            result = run_pipeline(config, reports_dir=tmp / "reports")
+        finally:
+            ray.shutdown()
     version = tracking.client(config.tracking.tracking_uri).get_model_version_by_alias(
         config.tracking.registered_model_name, "candidate")
     return config, config_path, result, tmp, version

@@ -97,7 +97,6 @@ def _record_strategy_facts(folder: str) -> None:
                 "partitioned": sum(hasattr(p, "ds_id") and p.numel() == 0 and p.ds_numel > 0 for p in frozen),
                 "base_numel": sum(p.ds_numel for p in frozen if hasattr(p, "ds_numel")),
                 "local_numel": sum(p.ds_tensor.numel() for p in frozen if hasattr(p, "ds_tensor")),
-                "optimizer": type(strategy.optimizer).__name__ if hasattr(strategy, "optimizer") else None,
                 "inner_optimizer": type(getattr(engine.optimizer, "optimizer", None)).__name__,
                 "fp32_master_devices": sorted({str(g.device) for g in groups})}
 

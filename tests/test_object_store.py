@@ -47,14 +47,14 @@ def _client(endpoint: str):
                         aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
 
-def bucket_keys(endpoint: str) -> list[str]:
-    pages = _client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+def bucket_keys(endpoint: str, client=None) -> list[str]:
+    pages = (client or _client(endpoint)).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def bucket_objects(endpoint: str) -> dict[str, bytes]:
     client = _client(endpoint)
-    return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in bucket_keys(endpoint)}
+    return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in bucket_keys(endpoint, client)}
 
 
 def storage_uri(endpoint: str, prefix: str) -> str:

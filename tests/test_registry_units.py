@@ -88,29 +88,26 @@ def test_outbox_queues_while_unreachable_and_replays_each_write_once(tmp_path: P
 
 
 def test_loraforge_mlflow_sync_sends_what_a_run_queued_and_says_what_is_left(tmp_path: Path, monkeypatch):
-    from mlflow.entities import Metric
     from typer.testing import CliRunner
 
     from pipeline.cli import app
+    from tests.support.outbox_replay import DEAD, assert_landed_once, queue_writes
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     store = tracking.raw_client(uri)
     run_id = store.create_run(store.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())).info.run_id
     box = outbox.Outbox(tmp_path / "outbox")
-    dead = outbox.ResilientClient(tracking.raw_client("http://127.0.0.1:9"), box)
-    dead.log_batch(run_id, metrics=[Metric("loss", 0.7, 1000, 3)])
-    dead.set_terminated(run_id, "FINISHED")
+    queued = queue_writes(box, run_id, tmp_path)
     runner = CliRunner()
 
-    out = runner.invoke(app, ["mlflow", "sync", str(tmp_path / "outbox"), "--tracking-uri", "http://127.0.0.1:9"])
-    assert out.exit_code == 1 and "sent 0 queued writes" in out.output and "2 left" in out.output
+    out = runner.invoke(app, ["mlflow", "sync", str(tmp_path / "outbox"), "--tracking-uri", DEAD])
+    assert out.exit_code == 1 and "sent 0 queued writes" in out.output and f"{queued} left" in out.output
     assert "still unreachable" in out.output
     out = runner.invoke(app, ["mlflow", "sync", str(tmp_path / "outbox"), "--tracking-uri", uri])
     assert out.exit_code == 0, out.output
-    assert "sent 2 queued writes" in out.output and "0 left" in out.output
-    run = store.get_run(run_id)
-    assert run.data.metrics == {"loss": 0.7} and run.info.status == "FINISHED"
+    assert f"sent {queued} queued writes" in out.output and "0 left" in out.output
+    assert_landed_once(store, run_id)
     assert box.pending() == 0
     out = runner.invoke(app, ["mlflow", "sync", str(tmp_path / "nowhere"), "--tracking-uri", uri])
     assert out.exit_code == 2 and "OUTBOX_DIR" in out.output and "Traceback" not in out.output
