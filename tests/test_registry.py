@@ -216,7 +216,7 @@ def test_mlflow_models_serve_answers_invocations(swept, sst2_small):
         assert got["probabilities"] == pytest.approx(list(want), abs=1e-6)
 
 
-def test_gated_promotion_force_and_rollback(swept):
+def test_gated_promotion_force_and_rollback(swept, request):
     """v(winner) becomes champion on the floor alone; the other trial's adapter fails the gain, is forced, rolled back."""
     from typer.testing import CliRunner
 
@@ -229,6 +229,9 @@ def test_gated_promotion_force_and_rollback(swept):
     runner = CliRunner()
 
     first = client.get_model_version_by_alias(MODEL, "candidate")
+    # the sweep is the session's (conftest sst2_sweep): whatever else reads it, in any order, finds
+    # `candidate` where the run put it, not on the version this test registers below
+    request.addfinalizer(lambda: client.set_registered_model_alias(MODEL, "candidate", first.version))
     out = runner.invoke(app, ["promote", str(config_path)])
     assert out.exit_code == 0, out.output
     assert "promoted" in out.output and "no champion yet" in out.output
