@@ -248,8 +248,13 @@ def mlflow_sync(
     if not outbox_dir.is_dir():
         fail_config(f"OUTBOX_DIR: {outbox_dir} is not a folder")
     box = outbox.Outbox(outbox_dir)
+    torn_before = box.torn_total()
     sent, left = box.drain(tracking.raw_client(tracking_uri))
     typer.echo(f"sent {sent} queued writes to {redact.redact_text(tracking_uri)}; {left} left")
+    torn = box.torn_total() - torn_before
+    if torn:
+        typer.echo(f"warning: {torn} queued line(s) were cut short (a process killed mid-write) and could not be "
+                   f"sent; they are kept in {outbox_dir / outbox.TORN}", err=True)
     if left:
         typer.echo(f"error: {redact.redact_text(tracking_uri)} is still unreachable; run this again when it is back",
                    err=True)

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline import redact
 from pipeline.datafiles import data_root
 
 
@@ -928,6 +929,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError([f"override {item!r}: expected key.sub=value"])
         try:
+            _compose(raw, f"override {key}")
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError([f"override {key}: value {raw!r} is not valid YAML ({err.__class__.__name__})"]) from err
@@ -935,11 +937,50 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _line_index(text: str) -> dict[str, int]:
-    """Dotted key path -> 1-based line in the YAML text, for error messages."""
+# a config is a few KiB; these bounds make a hostile file (a YAML "billion laughs" of nested aliases,
+# a huge file) fail in milliseconds instead of exhausting memory in the loader or in validation
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 50_000
+
+
+def _compose(text: str, where: str) -> yaml.Node | None:
+    """The YAML node graph of `text`, refused when aliases would expand it past MAX_YAML_NODES."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:  # an alias: the same node again, counted again at its cached size
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a node that refers to itself counts once
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                total += size(key_node) + size(value_node)
+                if total > MAX_YAML_NODES:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item)
+                if total > MAX_YAML_NODES:
+                    break
+        sizes[id(node)] = total
+        return total
+
+    if root is not None and size(root) > MAX_YAML_NODES:
+        raise ConfigError([f"{where}: YAML anchors and aliases (&name / *name) expand to more than {MAX_YAML_NODES} "
+                           "values; a config needs far fewer, so write the values out instead of nesting aliases"])
+    return root
+
+
+def _line_index(root: yaml.Node | None) -> dict[str, int]:
+    """Dotted key path -> 1-based line in the YAML text, for error messages (aliases not followed)."""
     index: dict[str, int] = {}
+    seen: set[int] = set()
 
     def walk(node: yaml.Node, prefix: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
@@ -950,10 +991,6 @@ def _line_index(text: str) -> dict[str, int]:
                 index[f"{prefix}.{i}"] = item.start_mark.line + 1
                 walk(item, f"{prefix}.{i}")
 
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return index
     if root is not None:
         walk(root, "")
     return index
@@ -979,8 +1016,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, env: di
     env = os.environ if env is None else env
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} not found"])
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: {path.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes (data "
+                           "belongs in data files that the config names)"])
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ConfigError([f"{path}: line {line} is not UTF-8 text; save the config as UTF-8"]) from None
+    try:
+        root = _compose(text, str(path))
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -990,7 +1035,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, env: di
         raise ConfigError([f"{path}: YAML error{where}: {problem}{hint}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: top level must be a mapping of keys, got {type(raw).__name__}"])
-    lines = _line_index(text)
+    lines = _line_index(root)
 
     for var, key in _ENV_OVERRIDES.items():
         if env.get(var):
@@ -1019,6 +1064,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, env: di
             problems.append(f"{loc or '<top>'}: {msg}{got}{where}")
         raise ConfigError(problems) from None
 
+    redact.add_secret_names(config.judge.api_key_env)
     return _absolutize(config, env)
 
 

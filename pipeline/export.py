@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import adapters, data, strategies, tracking
+from pipeline import adapters, atomic, data, strategies, tracking
 from pipeline.config import ExperimentConfig
 
 REPORT_FILE = "loraforge_merge.json"
@@ -72,7 +72,7 @@ def merge(adapter_dir: Path, config: ExperimentConfig, out_dir: Path, num_exampl
     tokenizer.save_pretrained(str(out_dir))
     report = MergeReport(str(out_dir), config.model.name_or_path, quantized, diff, int(batch["input_ids"].shape[0]),
                          sum(p.numel() for p in merged.parameters()))
-    (out_dir / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
+    atomic.write_text(out_dir / REPORT_FILE, json.dumps(asdict(report), indent=2))
     return report
 
 

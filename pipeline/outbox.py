@@ -13,6 +13,11 @@ Reads and Model Registry calls are not queued: they need an answer. Replays are 
 copies (metric timestamps included), so a write the server had applied before the
 connection dropped is stored once: MLflow keys metric points by (key, timestamp, step,
 value) and params and tags by key.
+
+A queue survives a crash: each entry is one line appended and fsynced under the queue's lock
+(a `.lock` file beside it), a drain replaces the queue whole (write-temp, fsync, rename) and
+unlinks an emptied one under the same lock, and a line cut short by a kill or a full disk is
+moved to `torn.txt` (and counted) instead of stopping every later replay.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ RETRY_S = 10.0  # after a failed write, queue without trying the server for this
 FILES = "files"
 SENT_LOG = "sent.log"  # one JSON line per drain that sent anything
 REJECTED = "rejected.jsonl"  # entries the server answered with an error other than being away
+TORN = "torn.txt"  # lines that do not parse (a write cut short), set aside as they were
 
 
 def unreachable(err: BaseException) -> bool:
@@ -58,18 +64,24 @@ class Outbox:
         self.mine = self.root / f"{socket.gethostname()}-{os.getpid()}.jsonl"
 
     @contextlib.contextmanager
-    def _locked(self, path: Path) -> Iterator[Any]:
-        with open(path, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+    def _locked(self, path: Path) -> Iterator[None]:
+        """Holds the queue's lock file: the queue itself is replaced by rename, so it cannot carry the lock."""
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield f
+                yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def put(self, op: str, **payload: Any) -> None:
         entry = {"id": uuid.uuid4().hex, "op": op, "time": time.time(), **payload}
-        with self._locked(self.mine) as f:
-            f.write(json.dumps(entry) + "\n")
+        with self._locked(self.mine), open(self.mine, "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line cut short: end it, so this entry is not glued to it
+                    f.write(b"\n")
+            f.write((json.dumps(entry) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 
@@ -84,7 +96,33 @@ class Outbox:
         return str(dst.relative_to(self.root))
 
     def queues(self) -> list[Path]:
-        return sorted(self.root.glob("*.jsonl"))
+        return sorted(p for p in self.root.glob("*.jsonl") if p.name != REJECTED)
+
+    def torn_total(self) -> int:
+        path = self.root / TORN
+        return len(path.read_text(errors="replace").splitlines()) if path.is_file() else 0
+
+    def _read(self, path: Path) -> list[dict[str, Any]]:
+        """The queue's entries; lines that do not parse are moved to TORN (caller holds the lock)."""
+        entries, torn = [], []
+        for line in path.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or "op" not in entry:
+                    raise ValueError("not an outbox entry")
+                entries.append(entry)
+            except ValueError:
+                torn.append(line)
+        if torn:
+            with open(self.root / TORN, "ab") as f:
+                f.write(b"".join(t + b"\n" for t in torn))
+                f.flush()
+                os.fsync(f.fileno())
+            log.warning("outbox: %d line(s) of %s were cut short or garbled (a process killed mid-write?); set aside "
+                        "in %s, the other entries replay", len(torn), path, self.root / TORN)
+        return entries
 
     def sent_total(self) -> int:
         path = self.root / SENT_LOG
@@ -92,7 +130,7 @@ class Outbox:
 
     def pending(self, path: Path | None = None) -> int:
         paths = [path] if path else self.queues()
-        return sum(1 for p in paths if p.is_file() for line in p.read_text().splitlines() if line.strip())
+        return sum(1 for p in paths if p.is_file() for line in p.read_bytes().splitlines() if line.strip())
 
     def drain(self, mlflow_client: Any, only: Path | None = None) -> tuple[int, int]:
         """Send queued writes in order, queue by queue; stop a queue at the first that cannot be sent.
@@ -104,9 +142,10 @@ class Outbox:
         for path in [only] if only else self.queues():
             if not path.is_file():
                 continue
-            with self._locked(path) as f:
-                f.seek(0)
-                entries = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+            with self._locked(path):
+                if not path.is_file():  # another drain emptied and removed it while this one waited
+                    continue
+                entries = self._read(path)
                 done = 0
                 for entry in entries:
                     try:
@@ -125,17 +164,17 @@ class Outbox:
                         break
                     done += 1
                 rest = entries[done:]
-                f.seek(0)
-                f.truncate()
-                f.write("".join(json.dumps(e) + "\n" for e in rest))
-                f.flush()
+                if not rest and path != self.mine:
+                    path.unlink()
+                else:
+                    from pipeline import atomic
+
+                    atomic.write_text(path, "".join(json.dumps(e) + "\n" for e in rest))
             sent += done
             left += len(rest)
             for entry in entries[:done]:
                 if entry.get("file"):
                     shutil.rmtree(self.root / Path(entry["file"]).parent, ignore_errors=True)
-            if not rest and path != self.mine:
-                path.unlink(missing_ok=True)
         if sent:  # an audit trail of what was replayed, and by whom
             with open(self.root / SENT_LOG, "a") as f:
                 f.write(json.dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import evaluate, outbox, planner, preflight, report, sweep, tracking, warmpool
+from pipeline import atomic, evaluate, outbox, planner, preflight, redact, report, sweep, tracking, warmpool
 from pipeline.config import ExperimentConfig, RaySpec
 
 log = logging.getLogger("loraforge")
@@ -103,8 +103,10 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     if resume:
         resume_dir = sweep.find_resumable(config)
         state = sweep.read_run_state(config, resume_dir)
-        stored = ExperimentConfig.model_validate(state["config"])
-        if stored.model_dump(mode="json") != config.model_dump(mode="json"):
+        given = config.model_dump(mode="json")
+        # the stored config's secrets are masked: the config given now supplies them
+        stored = ExperimentConfig.model_validate(redact.restore(state["config"], given))
+        if stored.model_dump(mode="json") != given:
             log.warning("--resume: continuing %s with the config it started with, not the one given now", resume_dir)
         config, parent_run_id = stored, state["parent_run_id"]
         log.info("resuming sweep %s (MLflow parent run %s)", resume_dir, parent_run_id)
@@ -306,4 +308,4 @@ def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: s
         if reports_dir is not None:
             reports_dir.mkdir(parents=True, exist_ok=True)
             for item in out.iterdir():
-                (reports_dir / item.name).write_bytes(item.read_bytes())
+                atomic.write_bytes(reports_dir / item.name, item.read_bytes())

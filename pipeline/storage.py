@@ -81,6 +81,12 @@ class Storage:
             return f.read().decode()
 
     def write_text(self, path: str, text: str) -> None:
+        """Replaces the file whole: temp file, fsync, rename locally; one PUT on an object store."""
+        if not self.remote:
+            from pipeline import atomic
+
+            atomic.write_text(path, text)
+            return
         with self.fs.open_output_stream(path) as f:
             f.write(text.encode())
 

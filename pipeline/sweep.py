@@ -674,15 +674,31 @@ RUN_STATE = "loraforge_run.json"
 
 
 def write_run_state(store: Storage, run_dir: str, experiment_id: str, parent_run_id: str, config: ExperimentConfig) -> None:
-    """What `--resume` needs besides Tune's own state: the MLflow ids and the config the sweep ran with."""
+    """What `--resume` needs besides Tune's own state: the MLflow ids and the config the sweep ran with.
+
+    The storage is shared (a team folder, a bucket), so the config is stored with its secrets masked;
+    `--resume` takes them from the config given then (`redact.restore`).
+    """
     store.mkdirs(run_dir)
     store.write_text(f"{run_dir}/{RUN_STATE}", json.dumps({
-        "experiment_id": experiment_id, "parent_run_id": parent_run_id, "config": config.model_dump(mode="json"),
+        "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+        "config": redact.redact(config.model_dump(mode="json")),
     }, indent=1))
 
 
 def read_run_state(config: ExperimentConfig, run_dir: str) -> dict[str, Any]:
-    return json.loads(Storage.of(config.ray.storage_path).read_text(f"{run_dir}/{RUN_STATE}"))
+    """The run state of `run_dir`; ConfigError naming the file when it is cut short or not ours."""
+    store = Storage.of(config.ray.storage_path)
+    path = f"{run_dir}/{RUN_STATE}"
+    try:
+        state = json.loads(store.read_text(path))
+        if not isinstance(state, dict) or not {"experiment_id", "parent_run_id", "config"} <= state.keys():
+            raise ValueError("it lacks experiment_id, parent_run_id or config")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError([f"--resume: {store.describe(path)} is unreadable ({err.__class__.__name__}: {err}); it was cut "
+                           "short or edited, so this sweep cannot be resumed: run without --resume to start afresh "
+                           "(its checkpoints stay where they are)"]) from None
+    return state
 
 
 def find_resumable(config: ExperimentConfig) -> str:

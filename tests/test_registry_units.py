@@ -113,6 +113,39 @@ def test_loraforge_mlflow_sync_sends_what_a_run_queued_and_says_what_is_left(tmp
     assert out.exit_code == 2 and "OUTBOX_DIR" in out.output and "Traceback" not in out.output
 
 
+def test_a_torn_queue_line_is_set_aside_and_every_whole_entry_still_lands(tmp_path: Path, monkeypatch):
+    """What a kill or a full disk leaves mid-write: the rest replays, the torn lines are kept and counted."""
+    from mlflow.entities import RunTag
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.support.outbox_replay import DEAD, assert_landed_once, queue_writes
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    store = tracking.raw_client(uri)
+    run_id = store.create_run(store.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+    box = outbox.Outbox(tmp_path / "outbox")
+    queue_writes(box, run_id, tmp_path)
+    whole = box.mine.read_bytes()
+    # another process's queue, killed while appending a sixth entry
+    other = box.root / "otherhost-4242.jsonl"
+    other.write_bytes(whole + b'{"id": "x", "op": "log_batch", "run_id": "' + run_id.encode())
+    # this process's queue, cut mid-line by a full disk; the next write must not be glued to the stub
+    box.mine.write_bytes(b'{"id": "y", "op": "set_t')
+    outbox.ResilientClient(tracking.raw_client(DEAD), box).log_batch(run_id, tags=[RunTag("after", "1")])
+
+    out = CliRunner().invoke(app, ["mlflow", "sync", str(box.root), "--tracking-uri", uri])
+    assert out.exit_code == 0, out.output
+    assert "sent 6 queued writes" in out.output and "0 left" in out.output
+    # the stub in this process's queue was set aside already, by the drain its next write tried first
+    assert "1 queued line(s) were cut short" in out.output and outbox.TORN in out.output
+    assert_landed_once(store, run_id)
+    assert store.get_run(run_id).data.tags["after"] == "1"
+    assert box.torn_total() == 2 and not other.exists() and box.pending() == 0
+    assert (box.root / outbox.TORN).read_bytes().count(run_id.encode()) == 1  # kept as it was
+
+
 def test_a_second_sweep_of_the_same_name_gets_a_suffix_never_the_first_ones_state(tmp_path: Path):
     from pipeline.storage import Storage
     from pipeline.sweep import unique_run_name

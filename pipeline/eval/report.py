@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline import atomic
 from pipeline import report as sweep_report
 from pipeline import tracking
 from pipeline.config import ExperimentConfig
@@ -280,7 +281,7 @@ def log_results(config: ExperimentConfig, results: dict[str, Any], reports_dir: 
         if reports_dir is not None:
             reports_dir.mkdir(parents=True, exist_ok=True)
             for item in (out / "report").iterdir():
-                (reports_dir / item.name).write_bytes(item.read_bytes())
+                atomic.write_bytes(reports_dir / item.name, item.read_bytes())
     if version is not None:
         for suite_name, per_model in results["suites"].items():
             for metric, value in per_model.get("candidate", {}).items():

@@ -299,7 +299,10 @@ def validate(results: dict[str, Any]) -> None:
 
 
 def write_json(results: dict[str, Any], path: Path) -> Path:
+    """`--json`: validated, secrets masked (the judge's URL, error texts), replaced whole."""
+    from pipeline import atomic, redact
+
     validate(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str))
+    atomic.write_text(path, json.dumps(redact.redact(results), indent=1, default=str))
     return path
