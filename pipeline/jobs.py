@@ -3,8 +3,11 @@
 Everything goes through Ray's Jobs SDK (`JobSubmissionClient`) at the job server's URL: `--address`,
 else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, as `ray job submit` reads them.
 
-A submission uploads the working dir (Ray's `working_dir`) without environments, results, stores
-and data the job does not need, and runs `jobs/sweep.py` there. The config is validated here first;
+A submission uploads the working dir (Ray's `working_dir`) and runs `jobs/sweep.py` there. What goes
+up is an explicit list (`upload_plan`): the files git would commit (tracked, or untracked and not
+ignored; the root `.gitignore` outside git) plus the inputs the config names, less environments,
+results and stores, less anything that holds credentials (`SECRET_FILES`) or that `.loraforgeignore`
+names; Ray gets it as excludes of everything else. The config is validated here first;
 every input file it names must lie inside the upload, be a URI, or be marked as present on the
 cluster (`--on-cluster KEY`). Uploaded inputs are passed as `--uploaded KEY=REL`, which the job
 resolves against its own working dir. Secrets travel by name only, unless `--forward-secret`.
@@ -42,6 +45,10 @@ UPLOAD_EXCLUDES = [
     ".git", ".venv", "venv", "**/__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "build", "dist",
     "loraforge_results", "mlruns", "mlartifacts", "*.db", "reports", "bench/results", ".whl", ".gl",
 ]
+# never uploaded, whatever git says: files that hold credentials (gitignore-style)
+SECRET_FILES = [".env", ".env.*", "*.pem", "*.key", "id_*", ".netrc", ".pypirc", ".git-credentials", ".aws", ".ssh",
+                ".docker/config.json", ".kube", "*.p12", "*.pfx", "credentials.json"]
+IGNORE_FILE = ".loraforgeignore"  # the user's own list, gitignore-style, relative to the working dir
 # the job's variables that are not secrets but that it needs to reach the same services
 PASSED_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "LORAFORGE_DATA_MIRROR", "LORAFORGE_DATA_OFFLINE")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -142,6 +149,81 @@ class Submission:
     submission_id: str
     uploaded: dict[str, str] = field(default_factory=dict)  # config key -> path inside the upload
     warnings: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # every file that goes up, relative to the working dir
+
+
+def _pathspec(lines: Iterable[str]) -> Any:
+    """gitignore matching (PyPI's pathspec: importing Ray's copy would import Ray before the token check)."""
+    import pathspec
+
+    return pathspec.GitIgnoreSpec.from_lines([line for line in lines if line.strip() and not line.startswith("#")])
+
+
+def _git_files(working_dir: Path) -> list[str] | None:
+    """The files git would commit under `working_dir` (tracked, or untracked and not ignored); None outside git."""
+    try:
+        listed = subprocess.run(["git", "-C", str(working_dir), "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    return [p for p in listed.stdout.decode().split("\0") if p]
+
+
+def _walk_files(working_dir: Path, skip: Any) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(working_dir):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not skip.match_file((here / d).relative_to(working_dir).as_posix())]
+        files += [rel for f in filenames if not skip.match_file(rel := (here / f).relative_to(working_dir).as_posix())]
+    return files
+
+
+def upload_plan(working_dir: Path, needed: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(files, left_out_secrets): what goes up from `working_dir` (relative paths, sorted), and the
+    secret-looking files that would have gone and do not (so the CLI can say so)."""
+    working_dir = working_dir.resolve()
+    listed = _git_files(working_dir)
+    if listed is None:  # outside git: the root .gitignore, as Ray itself reads it
+        gitignore = working_dir / ".gitignore"
+        listed = _walk_files(working_dir, _pathspec(gitignore.read_text().splitlines() if gitignore.is_file() else [".git"]))
+    user_ignore = working_dir / IGNORE_FILE
+    own = user_ignore.read_text().splitlines() if user_ignore.is_file() else []
+    drop, secret = _pathspec([*UPLOAD_EXCLUDES, *own]), _pathspec([*SECRET_FILES, *own])
+    needed = set(needed)
+    files, secrets = set(), []
+    for rel in {*listed, *needed}:
+        if not (working_dir / rel).is_file():  # a tracked file deleted from the tree
+            continue
+        if secret.match_file(rel):
+            secrets.append(rel)
+        elif rel in needed or not drop.match_file(rel):
+            files.add(rel)
+    return sorted(files), sorted(secrets)
+
+
+def _escape(rel: str) -> str:
+    return "".join("\\" + c if c in "\\*?[]!#" else c for c in rel)
+
+
+def excludes_for(working_dir: Path, files: list[str]) -> list[str]:
+    """Ray `excludes` that leave exactly `files`: each folder without any of them, each other file, anchored."""
+    keep = set(files)
+    keep_dirs = {p.as_posix() for f in files for p in Path(f).parents if p.as_posix() != "."}
+    excludes = []
+    for dirpath, dirnames, filenames in os.walk(working_dir):
+        here = Path(dirpath).relative_to(working_dir)
+        kept_dirs = []
+        for d in sorted(dirnames):
+            rel = (here / d).as_posix()
+            if rel in keep_dirs and not (Path(dirpath) / d).is_symlink():
+                kept_dirs.append(d)
+            else:
+                excludes.append("/" + _escape(rel))
+        dirnames[:] = kept_dirs
+        excludes += ["/" + _escape(rel) for f in sorted(filenames) if (rel := (here / f).as_posix()) not in keep]
+    return excludes
 
 
 def input_paths(config: ExperimentConfig) -> dict[str, Path]:
@@ -197,6 +279,37 @@ def _raw_value(config_path: Path, overrides: list[str], key: str) -> Any:
     return node
 
 
+_BY_NAME = ("pass it by variable name instead: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for the "
+            "tracking server, judge.api_key_env for the judge, AWS_* for a bucket; the cluster supplies the value "
+            "(or --forward-secret NAME)")
+
+
+def override_credentials(overrides: list[str]) -> list[str]:
+    """Credentials written into the command line: a job's entrypoint is shown to everyone holding the
+    cluster's token, so `submit` refuses them (before the config is even read)."""
+    problems = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.strip()
+        if redact.is_secret_name(key.rsplit(".", 1)[-1]) or redact.redact_text(value, []) != value:
+            shown = redact.redact({key: value}, "")[key] if redact.is_secret_name(key.rsplit(".", 1)[-1]) else \
+                redact.redact_text(value, [])
+            problems.append(f"override {key}: holds a credential ({key}={shown}), and the job's "
+                            f"command line is visible to the cluster; {_BY_NAME}")
+    return problems
+
+
+def config_credentials(config: ExperimentConfig, overrides: list[str]) -> list[str]:
+    """URIs of the config (or of MLFLOW_TRACKING_URI, folded into it) that carry `user:password@`."""
+    problems = []
+    for key, value in (("tracking.tracking_uri", config.tracking.tracking_uri), ("judge.base_url", config.judge.base_url),
+                       ("ray.storage_path", str(config.ray.storage_path))):
+        if value and redact.redact_text(value, []) != value and not any(o.partition("=")[0].strip() == key for o in overrides):
+            problems.append(f"{key}: the URI holds a user and password ({redact.redact_text(value, [])}), that would "
+                            f"travel with the job (its config or environment); {_BY_NAME}")
+    return problems
+
+
 def git_commit(working_dir: Path) -> tuple[str | None, bool]:
     """(commit, dirty) of the git tree at `working_dir`; (None, False) outside git."""
     try:
@@ -222,12 +335,15 @@ def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Pat
     except ValueError:
         raise JobsError(f"CONFIG {config_path} is outside the uploaded folder {working_dir}; move it there "
                         "or pass --working-dir") from None
+    if problems := override_credentials(overrides):
+        raise JobsError("; ".join(problems))
     # the cluster supplies its own address; the rest of the environment folds in as it will there
     config = load_config(config_path, overrides, env={k: v for k, v in env.items() if k != "RAY_ADDRESS"})
     on_cluster = list(on_cluster)
     paths = input_paths(config)
     problems = [f"--on-cluster {key}: not an input path of this config (it reads {', '.join(paths)})"
                 for key in on_cluster if key not in paths]
+    problems += config_credentials(config, overrides)
     uploaded: dict[str, str] = {}
     for key, local in paths.items():
         raw = _raw_value(config_path, overrides, key)
@@ -254,18 +370,20 @@ def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Pat
     if problems:
         raise JobsError("; ".join(problems))
 
-    excludes = list(UPLOAD_EXCLUDES)
-    # data under the upload that this config does not read stays behind (Ray's .gitignore handling is
-    # off for the submission, so that the inputs under the git-ignored data/ go up)
-    root = data_root(env)
-    if root.is_dir() and root.is_relative_to(working_dir):
+    # what goes up: what git would commit, the config and the inputs it names, no secrets (upload_plan);
+    # Ray's own .gitignore handling is off for the submission (the excludes already say it all)
+    files, secret_files = upload_plan(working_dir, [config_rel.as_posix(), *uploaded.values()])
+    # fetched data under the upload that this config does not read stays behind
+    root = data_root(env).resolve()
+    if root.is_relative_to(working_dir) and root != working_dir:
+        data_rel = root.relative_to(working_dir).as_posix() + "/"
         keep = set(uploaded.values())
-        for file in sorted(p for p in root.rglob("*") if p.is_file()):
-            rel = file.relative_to(working_dir).as_posix()
-            if rel not in keep and file.name != "README.md":
-                excludes.append("/" + rel)
+        files = [f for f in files if not f.startswith(data_rel) or f in keep or f == data_rel + "README.md"]
+    excludes = excludes_for(working_dir, files)
 
     warnings = []
+    if secret_files:
+        warnings.append(f"left out of the upload as secret-looking: {', '.join(secret_files)}")
     # outputs given relative resolve in the job's temporary working dir on the cluster
     storage = str(_raw_value(config_path, overrides, "ray.storage_path") or "loraforge_results")
     if "://" not in storage and not Path(storage).is_absolute():
@@ -299,26 +417,20 @@ def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Pat
     if commit:
         metadata["loraforge.git_commit"] = commit
     return Submission(
-        entrypoint=shlex.join(entrypoint),
+        entrypoint=redact.redact_text(shlex.join(entrypoint)),
         runtime_env={"working_dir": str(working_dir), "excludes": excludes, "env_vars": env_vars},
         metadata=metadata, entrypoint_num_cpus=entrypoint_num_cpus,
         submission_id=submission_id or f"loraforge-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        uploaded=uploaded, warnings=warnings,
+        uploaded=uploaded, warnings=warnings, files=files,
     )
 
 
 def upload_files(submission: Submission) -> list[str]:
-    """The files Ray will upload for `submission` (its excludes applied the way Ray applies them)."""
-    from ray._private.thirdparty.pathspec import PathSpec  # the copy Ray matches excludes with
+    """The files Ray will upload for `submission` (its excludes applied by Ray's own copy of pathspec)."""
+    from ray._private.thirdparty.pathspec import PathSpec
 
     root = Path(submission.runtime_env["working_dir"])
-    spec = PathSpec.from_lines("gitwildmatch", submission.runtime_env["excludes"])
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not spec.match_file((here / d).relative_to(root).as_posix())]
-        files += [rel for f in filenames if not spec.match_file(rel := (here / f).relative_to(root).as_posix())]
-    return sorted(files)
+    return sorted(_walk_files(root, PathSpec.from_lines("gitwildmatch", submission.runtime_env["excludes"])))
 
 
 def submit(job_client: Any, submission: Submission) -> str:

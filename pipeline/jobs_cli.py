@@ -53,8 +53,11 @@ def submit(
     entrypoint_num_cpus: Annotated[float, typer.Option(help="CPUs the job's driver holds, so it never takes a "
                                                        "trial's.")] = 1.0,
     submission_id: Annotated[Optional[str], typer.Option(help="Default: loraforge-<name>-<time>-<random>.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and print what would be uploaded; "
+                                          "submit nothing.")] = False,
 ) -> None:
-    """Submit CONFIG as a Ray job: the working dir uploaded, the config validated here first."""
+    """Submit CONFIG as a Ray job: the working dir uploaded (what git would commit, the inputs the config names,
+    no secret-looking files, nothing `.loraforgeignore` names), the config validated here first."""
     from pipeline import jobs
     from pipeline.config import ConfigError
 
@@ -69,10 +72,16 @@ def submit(
     for name in forward_secret or []:
         typer.echo(f"warning: --forward-secret {name}: its value goes into the job's runtime env, which Ray's job "
                    "API shows to anyone holding the cluster's token", err=True)
+    root = Path(plan.runtime_env["working_dir"])
+    sizes = {f: (root / f).stat().st_size for f in plan.files}
+    for name, size in sizes.items():
+        typer.echo(f"  {size:>12,}  {name}", err=True)
+    total = sum(sizes.values())
+    typer.echo(f"{'would upload' if dry_run else 'uploading'} {len(sizes)} files ({total / 2**20:.1f} MiB) from {root}",
+               err=True)
+    if dry_run:
+        return
     job_client = _client(address)
-    files = jobs.upload_files(plan)
-    size = sum((Path(plan.runtime_env["working_dir"]) / f).stat().st_size for f in files)
-    typer.echo(f"uploading {len(files)} files ({size / 2**20:.1f} MiB) from {plan.runtime_env['working_dir']}", err=True)
     job_id = _call("submit", jobs.submit, job_client, plan)
     typer.echo(job_id)
     if not follow:

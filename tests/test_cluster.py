@@ -92,15 +92,39 @@ def test_the_job_api_needs_the_token_and_the_cli_names_the_variable(cluster: Loc
     assert unknown.returncode == 2 and "no-such-job" in unknown.stderr, unknown.stderr
 
 
+def project_with_secrets(root: Path, sst2_small) -> tuple[Path, list[str]]:
+    """A user's working dir: the job's code and config, its data, and files that hold credentials."""
+    import shutil
+
+    wd = root / "project"
+    shutil.copytree(REPO / "jobs", wd / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "configs", wd / "configs")
+    (wd / "data" / "sst2").mkdir(parents=True)
+    shutil.copy(sst2_small["train"], wd / "data" / "sst2" / "train.jsonl")
+    secrets = [".env", "id_rsa", ".aws/credentials"]
+    for rel in secrets:
+        (wd / rel).parent.mkdir(parents=True, exist_ok=True)
+        (wd / rel).write_text("OPENAI_API_KEY=sk-planted-in-the-working-dir\n")
+    return wd, secrets
+
+
+def package_store(cluster: LocalCluster) -> list[Path]:
+    """The working dirs Ray unpacked from uploaded packages, on every node."""
+    return [p for node in cluster.nodes for p in node.temp_dir.rglob("_ray_pkg_*") if p.is_dir()]
+
+
 def test_secrets_travel_by_name_and_a_missing_one_fails_the_job_with_exit_2(cluster: LocalCluster, tmp_path: Path, sst2_small):
     password = "pw-" + "s3cr3t" * 4
     dead = "http://127.0.0.1:9"  # nothing listens: the job must stop at the secret check, then at preflight
-    args = ["submit", "configs/quickstart.yaml", "--address", cluster.address, "--follow",
+    wd, secret_files = project_with_secrets(tmp_path, sst2_small)
+    args = ["submit", "configs/quickstart.yaml", "--address", cluster.address, "--follow", "--working-dir", str(wd),
             "--on-cluster", "data.eval_path", f"data.eval_path={sst2_small['eval']}", f"tracking.tracking_uri={dead}",
             f"ray.storage_path={tmp_path / 'results'}", *SWEEP]
-    env = cluster.client_env(MLFLOW_TRACKING_USERNAME="loraforge", MLFLOW_TRACKING_PASSWORD=password)
+    env = cluster.client_env(MLFLOW_TRACKING_USERNAME="loraforge", MLFLOW_TRACKING_PASSWORD=password,
+                             LORAFORGE_DATA_ROOT=str(wd / "data"))
+    before = set(package_store(cluster))
 
-    named = loraforge(cluster, *args, env=env, timeout=180)
+    named = subprocess.run([str(BIN / "loraforge"), *args], cwd=wd, env=env, capture_output=True, text=True, timeout=180)
     assert named.returncode == 2, named.stdout[-3000:] + named.stderr[-3000:]
     assert "the job needs MLFLOW_TRACKING_PASSWORD and the cluster does not set it" in named.stdout + named.stderr
     job_id = named.stdout.strip().splitlines()[0]
@@ -110,8 +134,18 @@ def test_secrets_travel_by_name_and_a_missing_one_fails_the_job_with_exit_2(clus
     assert password not in json.dumps(info) and password not in job_logs(cluster, job_id)
     # the uploaded input is resolved in the job's working dir; the --on-cluster one is passed as written
     assert "--uploaded data.train_path=data/sst2/train.jsonl" in info["entrypoint"]
+    # what reached the cluster's package store: the job's files, none of the credentials beside them
+    unpacked = set(package_store(cluster)) - before
+    assert unpacked, f"no package unpacked under {[n.temp_dir for n in cluster.nodes]}"
+    for pkg in unpacked:
+        files = {p.relative_to(pkg).as_posix() for p in pkg.rglob("*") if p.is_file()}
+        assert {"configs/quickstart.yaml", "data/sst2/train.jsonl", "jobs/sweep.py"} <= files, files
+        assert not set(secret_files) & files and not any("sk-planted" in (pkg / f).read_text(errors="replace")
+                                                         for f in files), files
+    assert "left out of the upload as secret-looking: .aws/credentials, .env, id_rsa" in named.stderr
 
-    forwarded = loraforge(cluster, *args, "--forward-secret", "MLFLOW_TRACKING_PASSWORD", env=env, timeout=180)
+    forwarded = subprocess.run([str(BIN / "loraforge"), *args, "--forward-secret", "MLFLOW_TRACKING_PASSWORD"], cwd=wd,
+                               env=env, capture_output=True, text=True, timeout=180)
     assert "visible to anyone holding" in forwarded.stderr or "shows to anyone holding" in forwarded.stderr
     job_id = forwarded.stdout.strip().splitlines()[0]
     logs = job_logs(cluster, job_id)

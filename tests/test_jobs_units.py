@@ -107,10 +107,19 @@ def test_secrets_travel_by_name_unless_forwarded(workdir: Path):
     with pytest.raises(jobs.JobsError, match="--forward-secret JUDGE_KEY: JUDGE_KEY is not set here"):
         jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir, env=env, forward_secrets=["JUDGE_KEY"])
 
-    # credentials inside the URI never travel
-    inline = jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir,
-                                  env=env_for(workdir, MLFLOW_TRACKING_URI=f"http://me:{password}@mlflow:5000"))
-    assert password not in json.dumps(inline.__dict__)
+    # credentials inside a URI or an override never travel: refused, naming the key and the way by name
+    exp = workdir / "configs" / "exp.yaml"
+    for env_uri, overrides, key in [(f"http://me:{password}@mlflow:5000", [], "tracking.tracking_uri"),
+                                    (None, [f"tracking.tracking_uri=http://me:{password}@mlflow:5000"], "override tracking.tracking_uri"),
+                                    (None, ["judge.model=m", f"judge.base_url=https://me:{password}@judge/v1"],
+                                     "override judge.base_url"),
+                                    (None, [f"judge.api_key={password}"], "override judge.api_key")]:
+        with pytest.raises((jobs.JobsError, ConfigError)) as info:
+            jobs.plan_submission(exp, overrides, working_dir=workdir,
+                                 env=env_for(workdir, **({"MLFLOW_TRACKING_URI": env_uri} if env_uri else {})))
+        text = str(info.value)
+        assert password not in text, text
+        assert key in text and "MLFLOW_TRACKING_PASSWORD" in text and "judge.api_key_env" in text, text
 
     # in the job: a named secret the cluster does not set is reported by name
     assert jobs.require_secrets({jobs.SECRET_NAMES_VAR: "A_TOKEN,B_KEY", "B_KEY": "x"}) == ["A_TOKEN"]
@@ -140,3 +149,56 @@ def test_the_address_and_the_token_are_found_as_ray_finds_them(tmp_path: Path):
         jobs.find_token({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")})
     with pytest.raises(jobs.JobsError, match="no job server answers at http://127.0.0.1:9"):
         jobs.check_auth("http://127.0.0.1:9", {})
+
+
+def test_the_upload_is_what_git_would_commit_plus_the_inputs_and_never_a_secret(workdir: Path):
+    """`submit` from a working dir holding credentials: none goes up, the CLI lists what does (and --dry-run only that)."""
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    shutil.rmtree(workdir / ".git")
+    secrets = [".env", ".env.local", "id_rsa", "id_ed25519.pub", ".aws/credentials", ".ssh/config", "certs/server.pem",
+               "deploy.key", ".netrc", ".pypirc", "notes/private.txt"]
+    for rel in secrets:
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_text("OPENAI_API_KEY=sk-not-for-the-cluster\n")
+    (workdir / ".loraforgeignore").write_text("# mine\nnotes/\n")
+    (workdir / ".gitignore").write_text("scratch/\n/data/*\n")
+    (workdir / "scratch").mkdir()
+    (workdir / "scratch" / "big.bin").write_text("x")
+    (workdir / "pkg" / "train.py").write_text("x")
+
+    def uploaded() -> list[str]:
+        plan = jobs.plan_submission(workdir / "configs" / "exp.yaml", [], working_dir=workdir, env=env_for(workdir))
+        assert jobs.upload_files(plan) == plan.files  # Ray's own matching of the excludes leaves exactly the list
+        return plan.files
+
+    want = ["configs/exp.yaml", "data/sst2/dev.jsonl", "data/sst2/train.jsonl", "jobs/sweep.py", "pkg/train.py"]
+    # outside git: the root .gitignore; in git: what git would commit (tracked or not ignored); the same list
+    assert [f for f in uploaded() if f not in (".gitignore", ".loraforgeignore")] == want
+    subprocess.run(["git", "init", "-q", str(workdir)], check=True)
+    subprocess.run(["git", "-C", str(workdir), "add", "jobs"], check=True)
+    (workdir / "jobs" / "local_only.py").write_text("x")
+    (workdir / ".git" / "info" / "exclude").write_text("jobs/local_only.py\n")
+    files = uploaded()
+    assert [f for f in files if f not in (".gitignore", ".loraforgeignore")] == want
+    assert not any(f.startswith((".git/", ".venv", "loraforge_results", "scratch")) for f in files)
+
+    result = CliRunner().invoke(app, ["submit", str(workdir / "configs" / "exp.yaml"), "--working-dir", str(workdir),
+                                      "--dry-run"], env=env_for(workdir))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "would upload 7 files" in out and "data/sst2/train.jsonl" in out
+    assert "left out of the upload as secret-looking" in out
+    listed = [line.split()[-1] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == files and not set(listed) & set(secrets)
+    assert "sk-not-for-the-cluster" not in out
+
+
+def test_the_images_leave_out_the_same_secret_files_as_submit():
+    lines = set((REPO / ".dockerignore").read_text().splitlines())
+    missing = [p for p in jobs.SECRET_FILES if f"**/{p}" not in lines]
+    assert not missing, f".dockerignore lacks {missing}"
