@@ -36,7 +36,8 @@ def run(
         config = load_config(config_path, overrides or [])
     except ConfigError as err:
         fail_config(err)
-    from pipeline.run import run_pipeline
+    from pipeline.interrupts import Interrupted
+    from pipeline.run import run_pipeline, signal_name
     from pipeline.sweep import SweepError
 
     try:
@@ -46,6 +47,15 @@ def run(
     except SweepError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1)
+    except Interrupted as err:
+        import shlex
+
+        from pipeline import redact
+
+        again = redact.redact_text(shlex.join(["loraforge", "run", str(config_path), *(overrides or []), "--resume"]))
+        typer.echo(f"interrupted by {signal_name(err.signum)}: nothing was registered or evaluated; the MLflow runs are "
+                   f"marked KILLED and the trials' checkpoints kept. Continue the sweep with:\n  {again}", err=True)
+        raise typer.Exit(err.exit_code)
     metric = config.sweep.metric.removeprefix("eval_")
     value = result.eval_metrics.get(f"eval_{metric}")
     typer.echo(f"registered: {result.model_uri} (version {result.model_version}); "

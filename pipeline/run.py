@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, evaluate, outbox, planner, preflight, redact, report, sweep, tracking, warmpool
+from pipeline import atomic, evaluate, interrupts, outbox, planner, preflight, redact, report, sweep, tracking, warmpool
 from pipeline.config import ExperimentConfig, RaySpec
 
 log = logging.getLogger("loraforge")
@@ -51,6 +51,9 @@ class PipelineResult:
 
 
 def set_env_defaults() -> None:
+    # Ctrl-C goes to pipeline.interrupts (which hands it to Tune's graceful stop), not to Tune's own handler,
+    # after which Tuner.fit returns as if the sweep had ended
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     for key, value in _RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
@@ -97,7 +100,14 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
 
     `resume=True` continues the newest interrupted sweep of `config.name` (Tune restore:
     finished trials kept, the others continued from their checkpoints) under its MLflow parent run.
+    SIGINT or SIGTERM raise `interrupts.Interrupted` after the parent and running trials are marked
+    KILLED; nothing is registered or evaluated (pipeline.interrupts).
     """
+    with interrupts.catching():
+        return _run_pipeline(config, reports_dir=reports_dir, resume=resume)
+
+
+def _run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None, resume: bool) -> PipelineResult:
     set_env_defaults()
     resume_dir, parent_run_id = None, None
     if resume:
@@ -119,6 +129,7 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
         # set before Ray starts: every trial worker inherits it (pipeline.outbox)
         os.environ[outbox.ENV_VAR] = str(outbox_dir(config))
     started_local = connect_ray(config)
+    interrupts.reclaim()
     resources = sweep.cluster_resources()
     concurrency = sweep.plan_concurrency(trial_configs, resources, config.sweep.max_concurrent_trials)
     packing = planner.plan(config, resources)
@@ -160,6 +171,10 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
     try:
         result = _run_stages(config, mlflow_client, experiment_id, parent_run_id, data_summary, concurrency,
                              reports_dir, resume_dir, lineage, packing)
+    except interrupts.Interrupted as err:
+        mlflow_client.set_tag(parent_run_id, "loraforge.interrupted_by", signal_name(err.signum))
+        mlflow_client.set_terminated(parent_run_id, status="KILLED")
+        raise
     except BaseException:
         mlflow_client.set_terminated(parent_run_id, status="FAILED")
         raise
@@ -171,6 +186,12 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
         log.warning("%d MLflow writes are still unsent in %s (the server is unreachable); send them with: "
                     "loraforge mlflow sync %s --tracking-uri %s", left, where, where, config.tracking.tracking_uri)
     return result
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str, parent_run_id: str,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
-from pipeline import adapters, data, redact, tracking, warmpool
+from pipeline import adapters, data, interrupts, redact, tracking, warmpool
 from pipeline.storage import Storage
 from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
 
@@ -442,7 +442,13 @@ def _pack_members(trial_config: dict[str, Any]) -> list[tuple[str, dict[str, Any
 
 # a packed config's state in the pack -> its trial status; LIVE ones take the pack trial's end instead
 _PACK_STATUS = {"DONE": "DONE", "STOPPED": "STOPPED", "ERROR": "ERROR"}
-_MLFLOW_STATUS = {"DONE": "FINISHED", "STOPPED": "FINISHED", "BUDGET": "KILLED", "ERROR": "FAILED"}
+_MLFLOW_STATUS = {"DONE": "FINISHED", "STOPPED": "FINISHED", "BUDGET": "KILLED", "ERROR": "FAILED",
+                  "INTERRUPTED": "KILLED"}
+
+
+def _killed_status() -> str:
+    """A trial Tune ended unfinished: Ctrl-C / SIGTERM (resumable), else the time budget."""
+    return "INTERRUPTED" if interrupts.received() is not None else "BUDGET"
 
 
 def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, store: Storage,
@@ -540,7 +546,8 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                 # a packed config that stopped before the driver was restarted: its best is on storage
                 if best_found := best_complete_checkpoint(store, run_dir, metric, mode, summary.member):
                     summary.best_checkpoint, summary.best_metric = best_found
-            attach = bool(summary.best_checkpoint) and status != "ERROR"
+            # an interrupted trial is not over: `--resume` continues it and attaches its adapter then
+            attach = bool(summary.best_checkpoint) and status not in ("ERROR", "INTERRUPTED")
             if attach and not _complete(store.local(summary.best_checkpoint)):
                 # a trial killed mid-upload (time budget, ASHA) can leave its newest checkpoint
                 # half-copied or corrupt: fall back to the best verified one on storage, never to nothing
@@ -560,7 +567,7 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                 for summary in self._summaries(trial):
                     if not summary.finished:
                         state = summary.last_result.get("status")
-                        final = _PACK_STATUS.get(state) or {"FAILED": "ERROR", "KILLED": "BUDGET"}.get(status, "DONE")
+                        final = _PACK_STATUS.get(state) or {"FAILED": "ERROR", "KILLED": _killed_status()}.get(status, "DONE")
                         self._close(summary, final, error or summary.last_result.get("error"))
                 return
             summary = self._summary(trial)
@@ -580,7 +587,7 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
                 case "FAILED":
                     final = "ERROR"
                 case "KILLED":
-                    final = "BUDGET"  # cut off by sweep.time_budget_s
+                    final = _killed_status()  # cut off by sweep.time_budget_s, or by a signal
                 case _:
                     final = "DONE" if trained_all else "STOPPED"
             self._close(summary, final, error)
@@ -790,7 +797,8 @@ def run_sweep(
                                    storage_filesystem=remote_fs)
         # the run config comes back from Tune's pickle with a stale copy of the callback; use this one
         tuner._local_tuner.get_run_config().callbacks[:] = [callback]
-        results = tuner.fit()
+        with interrupts.sweep_phase():
+            results = tuner.fit()
         for result in results:
             trial_id = Path(result.path).name.removeprefix("trial_")
             members = _pack_members(result.config or {})
@@ -822,7 +830,8 @@ def run_sweep(
                                   callbacks=[callback], verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=config.train.max_failures)),
     )
-    tuner.fit()
+    with interrupts.sweep_phase():
+        tuner.fit()
     return _sweep_result(config, run_name, list(callback.trials.values()), started)
 
 
