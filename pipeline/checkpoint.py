@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline import adapters
+from pipeline import adapters, atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def write_manifest(directory: Path, rank: int) -> None:
     directory = Path(directory)
     files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
              for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith("MANIFEST")}
-    (directory / manifest_file(rank)).write_text(json.dumps({"rank": rank, "files": files}, indent=1))
+    atomic.write_text(directory / manifest_file(rank), json.dumps({"rank": rank, "files": files}, indent=1))
 
 
 def adapter_problems(adapter_dir: Path) -> list[str]:
@@ -163,11 +163,20 @@ def _manifest_problems(directory: Path, world_size: int) -> list[str]:
         if not manifest.is_file():
             problems.append(f"{manifest}: missing")
             continue
-        for name, entry in json.loads(manifest.read_text())["files"].items():
+        try:
+            listed = json.loads(manifest.read_text())["files"]
+            entries = [(str(name), int(entry["bytes"]), str(entry["sha256"])) for name, entry in listed.items()]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # cut short, garbled, or not ours
+            problems.append(f"{manifest}: unreadable ({err.__class__.__name__}: {err})")
+            continue
+        for name, size, sha256 in entries:
+            if Path(name).name != name or name in (".", ".."):
+                problems.append(f"{manifest}: lists {name!r}, which is not a file of this checkpoint")
+                continue
             path = directory / name
             if not path.is_file():
                 problems.append(f"{path}: listed in {manifest.name} but missing")
-            elif path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            elif path.stat().st_size != size or _sha256(path) != sha256:
                 problems.append(f"{path}: sha256 does not match {manifest.name}")
     return problems
 

@@ -143,6 +143,11 @@ def _empty_adapter(directory: Path) -> None:
     (lambda d: (d / ckpt.state_file(1)).unlink(), "train_state.rank1.safetensors: listed in MANIFEST.rank1.json but missing"),
     (lambda d: (d / ckpt.manifest_file(1)).unlink(), "MANIFEST.rank1.json: missing"),
     (_empty_adapter, "empty tensors"),
+    # a manifest cut short by a kill or a full disk is a problem the guard names, not a crash of the resume
+    (lambda d: _truncate(d / ckpt.manifest_file(0)), "MANIFEST.rank0.json: unreadable (JSONDecodeError"),
+    (lambda d: (d / ckpt.manifest_file(1)).write_text('{"rank": 1, "files": [1]}'), "MANIFEST.rank1.json: unreadable"),
+    (lambda d: (d / ckpt.manifest_file(0)).write_text('{"rank": 0, "files": {"../../x": {"bytes": 1, "sha256": "0"}}}'),
+     "not a file of this checkpoint"),
 ])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_valid_one(trained, tmp_path: Path, damage, expected):
     previous = write(trained, tmp_path / "checkpoint_000001", 5, 0.7, world_size=2)
