@@ -233,6 +233,35 @@ def test_weighted_score_from_logprobs(tmp_path: Path):
     assert grading.single_metrics(items)["candidate"]["weighted_score_mean"] == pytest.approx(item["weighted_score"])
 
 
+def test_a_remote_judge_is_known_by_its_endpoint_so_another_server_replays_nothing(tmp_path: Path,
+                                                                                    tiny_causal_model: Path):
+    """Two servers that serve the same model name are two judges: the cache keys on the endpoint too."""
+    from pipeline.eval.judge import stage as judge_stage
+    from pipeline.eval.judge.server import remote_judge_id
+    from tests.conftest import write_yaml
+
+    assert remote_judge_id("https://me:pw@Judge.Example:443/v1/?x=1", "m") == "m@https://judge.example:443/v1"
+    assert remote_judge_id("http://127.0.0.1:8000/v1", "m") == remote_judge_id("http://127.0.0.1:8000/v1/", "m")
+    first, second = FakeJudge(), FakeJudge()
+    assert first.model == second.model
+    with serve(first) as url_1, serve(second) as url_2:
+        for i, url in enumerate((url_1, url_2, url_1 + "/")):
+            raw = instruct_config(tmp_path, str(tiny_causal_model), {"base_url": url, "model": first.model,
+                                                                     "question_ids": [81]}, ["judge_single"])
+            config = load_config(write_yaml(tmp_path / f"c{i}.yaml", raw), env={})
+            with judge_stage.session(config) as judge:
+                assert judge.endpoint.judge_id == remote_judge_id(url, first.model)
+                questions = inputs.load_questions(config.judge)
+                items = grading.single(judge.client, inputs.load_judge_prompts(config.judge), questions,
+                                       answers_for(questions, "candidate"), inputs.load_references(config.judge))
+                assert {it["status"] for it in items} == {"scored"}
+            if i == 0:
+                asked = first.posts
+                assert asked == 2  # two turns
+    assert second.posts == asked  # the other server was asked, not replayed from the first one's replies
+    assert first.posts == asked  # the same endpoint written with a trailing slash: replayed, not asked again
+
+
 def test_answer_temperatures_follow_fastchat_unless_set(tmp_path: Path, tiny_causal_model: Path):
     from pipeline.eval import mt_bench
     from tests.test_eval_stage import e2e_config

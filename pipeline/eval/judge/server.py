@@ -39,6 +39,18 @@ class Endpoint:
     judge_id: str  # what the cache keys on
 
 
+def remote_judge_id(base_url: str, model: str) -> str:
+    """A remote judge's cache identity: the model name at its normalised endpoint (no credentials, no query;
+    host lower-cased, default port made explicit, trailing slash dropped). Another server serving a model of
+    the same name is another judge, and replays none of this one's replies."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url.strip())
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return f"{model}@{scheme}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

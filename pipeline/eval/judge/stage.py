@@ -19,7 +19,7 @@ from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
 from pipeline.eval.judge import grading, inputs
 from pipeline.eval.judge.cache import ReplyCache
 from pipeline.eval.judge.client import JudgeClient, JudgeUnavailable, api_key
-from pipeline.eval.judge.server import Endpoint, local_judge
+from pipeline.eval.judge.server import Endpoint, local_judge, remote_judge_id
 
 log = logging.getLogger("loraforge")
 
@@ -76,7 +76,7 @@ def session(config: ExperimentConfig) -> Iterator[Session]:
                 endpoint = stack.enter_context(local_judge(spec))
             else:
                 assert spec.model is not None
-                endpoint = Endpoint(spec.base_url, spec.model, spec.model)
+                endpoint = Endpoint(spec.base_url, spec.model, remote_judge_id(spec.base_url, spec.model))
             judge = _connect(config, endpoint)
             stack.callback(judge.client.cache.close)
             yield judge
