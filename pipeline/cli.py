@@ -94,7 +94,10 @@ def export(
             fail_config(ConfigError([f"--adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)"]))
         report = exporting.merge(adapter, config, out)
     else:
-        report = exporting.merge_registered(config, model_uri, out)
+        try:
+            report = exporting.merge_registered(config, model_uri, out)
+        except ConfigError as err:
+            fail_config(err)
     typer.echo(f"merged model written to {report.out_dir}: {report.parameters} parameters; merged vs unmerged "
                f"outputs on {report.examples} eval rows differ by at most {report.max_abs_diff:.3g}")
 

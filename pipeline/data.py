@@ -10,6 +10,7 @@ the loss covers the response only.
 from __future__ import annotations
 
 import math
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as f:  # stops at the first non-blank line; datasets chokes on empty input
         if not any(line.strip() for line in f):
             return []
+    _check_lines(path)
     builder = "csv" if path.suffix.lower() == ".csv" else "json"
     datasets.disable_progress_bars()
     try:
@@ -62,6 +64,30 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     except Exception as err:  # any parse failure is the file's fault: say which file
         raise ValueError(f"cannot read {path} as {builder.upper()}: {err.__class__.__name__}: {err}") from None
     return dataset.to_list()
+
+
+def _check_lines(path: Path) -> None:
+    """ValueError naming the line when the file is not UTF-8, or (JSONL) a row is not one complete JSON
+    object, such as the last row of a file cut short; `datasets` would name neither."""
+    jsonl = path.suffix.lower() == ".jsonl"
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not UTF-8 text (byte {raw[err.start:err.start + 1]!r} at "
+                                 f"column {err.start + 1}); save the file as UTF-8") from None
+            if not jsonl or not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                cut = "" if raw.endswith(b"\n") else "; it is the last line and has no line end, so the file was cut short"
+                raise ValueError(f"{path}: line {number} is not a complete JSON row ({err.msg} at column "
+                                 f"{getattr(err, 'colno', '?')}){cut}; fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object of columns; "
+                                 "each line must be one row like {\"text\": ..., \"label\": ...}")
 
 
 def check_rows(rows: list[dict[str, Any]], spec: DataSpec, split: str, path: Path) -> list[str]:

@@ -399,6 +399,14 @@ def fetch(names: list[str] | None = None, *, root: Path | None = None, mirror: s
         dataset_problems = []
         for entry in entries:
             dest = root / entry.path
+            blocked = next((p for p in (dest, *dest.parents) if p != root and p.is_relative_to(root)
+                            and (p.exists() or p.is_symlink()) and (p == dest) != p.is_file()), None)
+            if blocked is not None:
+                kind = "a folder" if blocked.is_dir() else "not a regular file"
+                dataset_problems.append(f"{blocked}: {kind} where the data manifest puts "
+                                        f"{'the file' if blocked == dest else 'a folder for'} {entry.path}; move it away "
+                                        "and fetch again")
+                continue
             if dest.is_file():
                 problem = mismatch(dest, entry)
                 if problem is None:

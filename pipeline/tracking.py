@@ -334,7 +334,22 @@ def download_version(tracking_uri: str, model_name: str, version: str, dst_dir: 
 
 
 def fetch_adapter(ref: str, tracking_uri: str, dst_dir: Path) -> Path:
-    """A local adapter folder for `ref`: a folder, `models:/name/version`, `models:/name@alias` or `runs:/id/path`."""
+    """A local adapter folder for `ref`: a folder, `models:/name/version`, `models:/name@alias` or `runs:/id/path`.
+
+    ConfigError naming `ref` and the store when the store has no such model, alias, version or run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _fetch_adapter(ref, tracking_uri, dst_dir)
+    except MlflowException as err:
+        if not any(code in str(err.error_code) for code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")):
+            raise
+        raise ConfigError([f"{ref}: not in {redact.redact_text(tracking_uri)} ({redact.redact_text(err.message)}); list "
+                           "what is registered with `loraforge models`, or pass an adapter folder"]) from None
+
+
+def _fetch_adapter(ref: str, tracking_uri: str, dst_dir: Path) -> Path:
     if Path(ref).is_dir():
         return Path(ref)
     if ref.startswith("models:/"):
@@ -348,4 +363,4 @@ def fetch_adapter(ref: str, tracking_uri: str, dst_dir: Path) -> Path:
 
         dst_dir.mkdir(parents=True, exist_ok=True)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst_dir), tracking_uri=tracking_uri))
-    raise ValueError(f"{ref!r} is neither an adapter folder nor a models:/ or runs:/ URI")
+    raise ConfigError([f"{ref!r} is neither an adapter folder nor a models:/ or runs:/ URI"])

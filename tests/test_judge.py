@@ -314,7 +314,7 @@ def test_loraforge_eval_judges_every_mode_and_the_key_reaches_nothing(tmp_path: 
     from tests.conftest import write_yaml
     from tests.test_eval_stage import save_adapter
 
-    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET + "\n")  # read from a file, newline and all: sent and masked without it
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.DEBUG)  # the SDK's and httpx's debug lines too
     fake = FakeJudge(api_key=SECRET, faults={2: "429", 4: "500"}, retry_after="0.2")
@@ -429,6 +429,8 @@ BAD_JUDGE = [
     ("not served", {"model": "gpt-5-nope"}, [], "judge.model: 'gpt-5-nope' is not served"),
     ("key unset", {"api_key_env": "LORAFORGE_NO_SUCH_KEY"}, [], "judge.api_key_env: the environment variable "
                                                                  "LORAFORGE_NO_SUCH_KEY is not set"),
+    ("key with a space", {"api_key_env": "LORAFORGE_SPACED_KEY"}, [], "judge.api_key_env: the value of "
+                                                                      "LORAFORGE_SPACED_KEY holds spaces"),
     ("unknown mode", {}, ["--suite", "judge_bogus"], "unknown suite 'judge_bogus'"),
     ("no champion", {"pairwise_against": "champion"}, ["--suite", "judge_pairwise"],
      "judge.pairwise_against: champion, but models:/judge-test-lora@champion does not exist"),
@@ -450,6 +452,7 @@ def test_bad_judge_input_exits_2_before_any_generation(case, judge, args, expect
         raise AssertionError("generation started")
 
     monkeypatch.setattr(stage, "_gather", no_generation)
+    monkeypatch.setenv("LORAFORGE_SPACED_KEY", "sk-pasted twice sk-pasted\n")
     (tmp_path / "q.jsonl").write_text('{"question_id": 1, "turns": ["fine"]}\n{"question_id": 2, "turns": "not a list"}\n')
     (tmp_path / "r.jsonl").write_text('{"question_id": 1, "choices": [{"turns": ["ok"]}]}\nnot json\n')
     judge = {k: {"QUESTIONS": str(tmp_path / "q.jsonl"), "REFERENCES": str(tmp_path / "r.jsonl")}.get(v, v)

@@ -230,3 +230,75 @@ def test_workload_line_counts_trial_steps_and_bounds_device_hours(tmp_path: Path
     # 2 workers share each batch: 5 steps per epoch; 2 at a time x 1 GPU x 1 h
     assert line == ("4 trials x <= 5 optimizer steps = <= 20 trial-steps; 1 GPU(s) per trial, 2 at a time; "
                     "<= 2.00 GPU-hours (sweep.time_budget_s)")
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A few hundred bytes of nested YAML aliases that expand to 9**levels values ("billion laughs")."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def bad_input_cases(tmp_path: Path, base: dict) -> dict[str, tuple[list[str], list[str]]]:
+    """Case -> (loraforge arguments, texts the error must hold). Each file is written here."""
+    cases: dict[str, tuple[list[str], list[str]]] = {}
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    cases["alias bomb"] = (["run", str(bomb)], [str(bomb), "aliases", "expand to more than"])
+    cases["alias bomb in an override"] = (
+        ["run", str(write_yaml(tmp_path / "ok.yaml", base)), "lora.target_modules=" + alias_bomb().replace("\n", ", ")
+         .join(["{", "}"])], ["override lora.target_modules", "expand to more than"])
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (2 << 20) + "\nname: x\n")
+    cases["huge config"] = (["run", str(huge)], [str(huge), "a config is at most"])
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: test\n# caf\xe9\n")
+    cases["config not UTF-8"] = (["run", str(latin1)], [str(latin1), "line 2 is not UTF-8"])
+
+    rows = Path(base["data"]["train_path"]).read_bytes().splitlines(keepends=True)
+    not_utf8 = tmp_path / "not_utf8.jsonl"
+    not_utf8.write_bytes(b"".join(rows[:2]) + rows[2].replace(b'"sentence": "', b'"sentence": "caf\xe9 ') + b"".join(rows[3:]))
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(rows[:-1]) + rows[-1][: len(rows[-1]) // 2])
+    for name, path, expected in (("data row not UTF-8", not_utf8, ["line 3 is not UTF-8"]),
+                                 ("data file cut short", cut, [f"line {len(rows)} is not a complete JSON row",
+                                                               "the file was cut short"])):
+        config = {**base, "data": {**base["data"], "train_path": str(path)}}
+        cases[name] = (["run", str(write_yaml(tmp_path / f"{path.stem}.yaml", config))],
+                       ["data.train_path", str(path), *expected])
+
+    config_path = str(write_yaml(tmp_path / "export.yaml", base))
+    cases["export of a missing model"] = (["export", config_path, "--out", str(tmp_path / "merged")],
+                                          ["models:/test-sst2-lora@candidate: not in", "loraforge models"])
+    root = tmp_path / "data-root"
+    (root / "sst2" / "train.jsonl").mkdir(parents=True)
+    cases["data fetch onto a folder"] = (["data", "fetch", "sst2", "--root", str(root)],
+                                         [f"{root / 'sst2' / 'train.jsonl'}: a folder where the data manifest puts the file"])
+    return cases
+
+
+BAD_INPUTS = ["alias bomb", "alias bomb in an override", "huge config", "config not UTF-8", "data row not UTF-8",
+              "data file cut short", "export of a missing model", "data fetch onto a folder"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_naming_the_file_row_or_key_at_once(case: str, tmp_path: Path, base: dict):
+    import time
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    args, expected = bad_input_cases(tmp_path, base)[case]
+    began = time.perf_counter()
+    result = CliRunner().invoke(app, args, env={"HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "",
+                                                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    took = time.perf_counter() - began
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output[-3000:]
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    for text in expected:
+        assert " ".join(text.split()) in output, output[-3000:]
+    assert "Traceback" not in result.output
+    if case.startswith(("alias", "huge")):
+        assert took < 5, f"{took:.1f} s to refuse it"

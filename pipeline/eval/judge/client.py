@@ -82,10 +82,13 @@ class JudgeUnavailable(Exception):
 def api_key(spec: JudgeSpec) -> str:
     if spec.api_key_env is None:
         return "not-needed"  # local servers take any key; the SDK insists on one
-    value = os.environ.get(spec.api_key_env)
+    value = (os.environ.get(spec.api_key_env) or "").strip()  # a key read from a file keeps its newline
     if not value:
         raise JudgeUnavailable(f"judge.api_key_env: the environment variable {spec.api_key_env} is not set; "
                                f"export {spec.api_key_env}=<key> (the key never goes in the config)")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise JudgeUnavailable(f"judge.api_key_env: the value of {spec.api_key_env} holds spaces or control characters "
+                               "inside it, which an HTTP header cannot carry; set it to the key alone")
     return value
 
 
