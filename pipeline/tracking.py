@@ -85,6 +85,30 @@ def artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+DATABASE_SCHEMES = ("postgresql", "postgres", "mysql", "mssql")
+DATABASE_PROBE_TIMEOUT_S = 10
+
+
+def probe_database(tracking_uri: str) -> None:
+    """One connection attempt with a short timeout: MLflow's own engine retries a down database for ~110 s."""
+    import sqlalchemy
+
+    scheme = tracking_uri.split("://", 1)[0].split("+")[0]
+    connect_args = {"connect_timeout": DATABASE_PROBE_TIMEOUT_S} if scheme in ("postgresql", "postgres", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(tracking_uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:
+        reason = redact.redact_text(str(getattr(err, "orig", None) or err)).strip().splitlines()[0]
+        raise ConfigError([f"tracking.tracking_uri: the database {redact.redact_text(tracking_uri)} does not answer "
+                           f"({err.__class__.__name__}: {reason}); start it, or fix the host, port, user or database "
+                           "name in the URI"]) from None
+
+
 def preflight(tracking_uri: str, experiment_name: str, model_name: str | None = None) -> str:
     """Reach the store, check the user may write the experiment and model, get or create the experiment
     and return its id; ConfigError naming the problem if it is unusable.
@@ -104,6 +128,8 @@ def preflight(tracking_uri: str, experiment_name: str, model_name: str | None = 
             raise ConfigError([f"tracking.tracking_uri: folder {str(db_dir)!r} for the SQLite store does not exist"])
         if not os.access(db_dir, os.W_OK):
             raise ConfigError([f"tracking.tracking_uri: folder {str(db_dir)!r} is not writable"])
+    elif "://" in tracking_uri and tracking_uri.split("://", 1)[0].split("+")[0] in DATABASE_SCHEMES:
+        probe_database(tracking_uri)
     try:
         mlflow_client = client(tracking_uri)
         if user is not None:

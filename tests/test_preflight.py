@@ -302,3 +302,25 @@ def test_bad_input_exits_2_naming_the_file_row_or_key_at_once(case: str, tmp_pat
     assert "Traceback" not in result.output
     if case.startswith(("alias", "huge")):
         assert took < 5, f"{took:.1f} s to refuse it"
+
+
+def test_a_database_store_that_is_down_or_silent_is_reported_in_under_30_s(tmp_path: Path):
+    """MLflow's own engine retries a down database for about 110 s; the preflight probes it once, with a timeout."""
+    import socket
+    import time
+
+    from tests.ray_cluster import free_port
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        for port, reason in ((free_port(), "Connection refused"), (silent.getsockname()[1], "timeout")):
+            uri = f"postgresql://loraforge:s3cret-pw@127.0.0.1:{port}/mlflow"
+            began = time.perf_counter()
+            with pytest.raises(ConfigError) as info:
+                tracking.preflight(uri, "x")
+            took = time.perf_counter() - began
+            assert took < 30, f"{took:.0f} s"
+            text = str(info.value)
+            assert f"the database postgresql://***@127.0.0.1:{port}/mlflow does not answer" in text, text
+            assert reason in text and "s3cret-pw" not in text, text
