@@ -31,7 +31,8 @@ RUN useradd --create-home --uid 1000 --shell /bin/bash loraforge \
 WORKDIR /app
 COPY --chown=loraforge:loraforge . /app
 USER 1000
-RUN TORCH_INDEX_URL="$TORCH_INDEX_URL" docker/install.sh /opt/venv/bin/python memory,eval,server
+# no GPU while the image builds: DeepSpeed's ops are JIT-built for CUDA on first use instead
+RUN TORCH_INDEX_URL="$TORCH_INDEX_URL" LORAFORGE_BUILD_OPS=0 docker/install.sh /opt/venv/bin/python memory,eval,server
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
     CMD ["ray", "health-check"]

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pipeline import adapters
+from pipeline import adapters, oplocks
 from pipeline.config import ExperimentConfig, LoraStrategy, QloraStrategy, QuantSpec, Zero3OffloadStrategy
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,9 @@ class Zero3Offload:
             log.warning("ZeRO-3 with fp16: overflowing steps are skipped; watch the skipped_steps metric")
 
     def load_model(self) -> nn.Module:
+        # DeepSpeed JIT-builds shm_comm here and cpu_adam in wrap(), each under a file lock that a
+        # killed build leaves behind: clear stale ones, bound the wait on live ones
+        oplocks.clear_build_locks()
         init_deepspeed_distributed(self.worker)
         if self.spec.load_in_4bit is not None:
             base = load_quantized_base(self.config, self.spec.load_in_4bit, self.worker.device,
@@ -323,6 +326,7 @@ class Zero3Offload:
         if self.spec.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            oplocks.clear_build_locks()
             optimizer = DeepSpeedCPUAdam(groups, lr=train.lr, adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(groups, lr=train.lr)
