@@ -168,3 +168,64 @@ def test_promote_refuses_an_empty_gate_and_an_unexplained_force(tmp_path: Path, 
         promotion.promote(config)
     with pytest.raises(ConfigError, match="give --reason"):
         promotion.promote(config, force=True, reason="  ")
+
+
+def promotion_store(tmp_path: Path, sst2_small, gate_conditions: list[dict]):
+    """A real SQLite registry with versions 1-3 of the config's model: champion on 1, candidate on 2."""
+    from pipeline.config import load_config
+    from tests.conftest import minilm_config, write_yaml
+
+    raw = minilm_config(tmp_path, sst2_small, registry={"promotion": {"gate": gate_conditions}})
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    client = tracking.client(config.tracking.tracking_uri)
+    name = config.tracking.registered_model_name
+    client.create_registered_model(name)
+    for _ in range(3):
+        client.create_model_version(name, source=(tmp_path / "model").as_uri())
+    client.set_registered_model_alias(name, "champion", "1")
+    client.set_registered_model_alias(name, "candidate", "2")
+    return config, client, name
+
+
+def test_promotion_records_first_and_moves_the_alias_last(tmp_path: Path, sst2_small, monkeypatch):
+    """An error while recording leaves `champion` where it was; a promote that completes can be rolled back."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import promotion
+
+    config, client, name = promotion_store(tmp_path, sst2_small, [])
+    real_update = MlflowClient.update_model_version
+
+    def store_gone(self, *args, **kwargs):
+        raise ConnectionError("the registry went away mid-promotion")
+
+    monkeypatch.setattr(MlflowClient, "update_model_version", store_gone)
+    with pytest.raises(ConnectionError):
+        promotion.promote(config, force=True, reason="drill")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"  # nothing moved unrecorded
+
+    monkeypatch.setattr(MlflowClient, "update_model_version", real_update)
+    decision = promotion.promote(config, force=True, reason="drill")
+    assert decision.promoted and str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert client.get_model_version(name, "2").tags[promotion.PREVIOUS_TAG] == "1"
+    promotion.rollback(config, reason="drill over")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def test_a_promote_that_lost_a_race_moves_nothing_and_says_so(tmp_path: Path, sst2_small, monkeypatch):
+    """While this promote evaluates, another moves `champion` to version 3: this one refuses, 3 stays."""
+    from pipeline.config import ConfigError
+    from pipeline.registry import promotion
+
+    config, client, name = promotion_store(tmp_path, sst2_small, [{"metric": "classification.accuracy", "min": 0.5}])
+
+    def evaluate_while_another_promotes(config, candidate, champion, suites):
+        client.set_registered_model_alias(name, "champion", "3")  # the other promote finishes first
+        return {"suites": {"classification": {"candidate": {"accuracy": 0.9}, "champion": {"accuracy": 0.8}}},
+                "_run_id": None}
+
+    monkeypatch.setattr(promotion, "evaluate", evaluate_while_another_promotes)
+    with pytest.raises(ConfigError, match="champion: moved to version 3 while this decision was made against version 1"):
+        promotion.promote(config)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
+    assert "loraforge.promotion.decision" not in client.get_model_version(name, "2").tags

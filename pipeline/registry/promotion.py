@@ -6,6 +6,10 @@ gate's suites and the same champion, else a new stage run on exactly those suite
 every condition of `registry.promotion.gate`, and records the decision, the numbers and the
 gate in the candidate version's tags and description. `--force --reason` overrides a failed
 gate (recorded as forced); `rollback` points the alias back at the champion before.
+
+Every move records first and moves the alias last, and only while the alias still points where it
+did when the decision was made: an error between the two leaves the alias untouched, and a
+promote that lost a race to another one says so and moves nothing.
 """
 
 from __future__ import annotations
@@ -182,9 +186,42 @@ def promote(config: ExperimentConfig, *, force: bool = False, reason: str | None
         decision.promoted, decision.forced = True, not decision.passed
         decision.action = "forced" if decision.forced else "promoted"
         decision.reason = reason
-        mlflow_client.set_registered_model_alias(name, spec.to_alias, candidate.version)
+        # decided against `champion`: refuse before recording if another promote moved the alias meanwhile
+        _check_alias_unmoved(mlflow_client, name, spec.to_alias, decision.champion_version)
+    # record first, move last: an error or interrupt in between leaves the alias where it was, and
+    # the version already names the champion it replaces, so --rollback can undo the move
     _record(mlflow_client, decision, candidate, spec.to_alias)
+    if decision.promoted:
+        try:
+            _move_alias(mlflow_client, name, spec.to_alias, candidate.version, expected=decision.champion_version)
+        except ConfigError:  # lost the race after recording: the record must not claim a move
+            mlflow_client.set_model_version_tag(name, candidate.version, f"{PREFIX}.decision", "superseded")
+            raise
     return decision
+
+
+def _alias_version(mlflow_client: Any, name: str, alias: str) -> str | None:
+    version = _version_or_none(mlflow_client, name, alias)
+    return None if version is None else str(version.version)
+
+
+def _check_alias_unmoved(mlflow_client: Any, name: str, alias: str, expected: str | None) -> None:
+    now = _alias_version(mlflow_client, name, alias)
+    if now != expected:
+        raise ConfigError([
+            f"{alias}: moved to {'version ' + now if now else 'no version'} while this decision was made against "
+            f"{'version ' + expected if expected else 'no ' + alias} (another promote or rollback ran); nothing was "
+            f"moved. Run loraforge promote again to decide against the new {alias}"])
+
+
+def _move_alias(mlflow_client: Any, name: str, alias: str, version: Any, *, expected: str | None) -> None:
+    """Point `alias` at `version` only if it still points at `expected` (compare-and-set, as close as MLflow allows).
+
+    MLflow has no conditional alias update: the check and the move are two requests, so two promotes
+    racing within that gap (milliseconds, after minutes of evaluation) can still both move it.
+    """
+    _check_alias_unmoved(mlflow_client, name, alias, expected)
+    mlflow_client.set_registered_model_alias(name, alias, version)
 
 
 def _record(mlflow_client: Any, decision: Decision, version: Any, to_alias: str) -> None:
@@ -232,7 +269,6 @@ def rollback(config: ExperimentConfig, reason: str | None = None) -> Decision:
     except Exception as err:  # deleted since
         raise ConfigError([f"--rollback: version {previous}, the {spec.to_alias!r} before version {current.version}, "
                            f"is gone ({err.__class__.__name__}); set the alias by hand"]) from None
-    mlflow_client.set_registered_model_alias(name, spec.to_alias, previous)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     for number, text, model_version in ((current.version, f"rolled back: {spec.to_alias!r} moved to version {previous}",
                                          current),
@@ -243,6 +279,7 @@ def rollback(config: ExperimentConfig, reason: str | None = None) -> Decision:
         description = ((model_version.description or "").rstrip() + f"\n\n[{stamp}] {text}"
                        + (f" ({reason})" if reason else "")).strip()
         mlflow_client.update_model_version(name, number, description=description[:5000])
+    _move_alias(mlflow_client, name, spec.to_alias, previous, expected=str(current.version))
     return Decision(name, str(previous), str(current.version), [], None, promoted=True, action="rolled_back",
                     reason=reason)
 
