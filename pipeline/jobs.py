@@ -433,12 +433,34 @@ def upload_files(submission: Submission) -> list[str]:
     return sorted(_walk_files(root, PathSpec.from_lines("gitwildmatch", submission.runtime_env["excludes"])))
 
 
-def submit(job_client: Any, submission: Submission) -> str:
+# Ray's job server while the head's dashboard agent is not up yet (right after `ray start`): HTTP 500
+NO_AGENT = "No available agent to submit job"
+
+
+def submit(job_client: Any, submission: Submission, *, agent_wait_s: float = 120.0,
+           say: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> str:
+    """Submit; while the job server has no agent to take the job (a head still starting), retry for `agent_wait_s`."""
     # Ray would leave git-ignored files out, and data/ is git-ignored; our excludes say what stays behind
     os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = "1"
-    return job_client.submit_job(entrypoint=submission.entrypoint, runtime_env=submission.runtime_env,
-                                 metadata=submission.metadata, submission_id=submission.submission_id,
-                                 entrypoint_num_cpus=submission.entrypoint_num_cpus)
+    start, delay = time.monotonic(), 1.0
+    while True:
+        try:
+            return job_client.submit_job(entrypoint=submission.entrypoint, runtime_env=submission.runtime_env,
+                                         metadata=submission.metadata, submission_id=submission.submission_id,
+                                         entrypoint_num_cpus=submission.entrypoint_num_cpus)
+        except RuntimeError as err:
+            if NO_AGENT not in str(err):
+                raise
+            waited = time.monotonic() - start
+            if waited + delay > agent_wait_s:
+                raise JobsError(
+                    f"the job server at {job_client.get_address()} had no agent to take the job for {waited:.0f} s "
+                    f"(its head may still be starting, or its dashboard agent is down: `ray status` on the head); "
+                    f"nothing was submitted. Try again, or wait longer with --agent-wait-s") from None
+            say(f"the job server has no agent to take the job yet (a head still starting?); retrying in {delay:.0f} s "
+                f"(waited {waited:.0f} s of at most {agent_wait_s:.0f} s)")
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 # ---- following a job

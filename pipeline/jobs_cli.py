@@ -55,6 +55,8 @@ def submit(
     submission_id: Annotated[Optional[str], typer.Option(help="Default: loraforge-<name>-<time>-<random>.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and print what would be uploaded; "
                                           "submit nothing.")] = False,
+    agent_wait_s: Annotated[float, typer.Option(help="How long to retry while the job server has no agent to take "
+                                                "the job (a head still starting).", min=0)] = 120.0,
 ) -> None:
     """Submit CONFIG as a Ray job: the working dir uploaded (what git would commit, the inputs the config names,
     no secret-looking files, nothing `.loraforgeignore` names), the config validated here first."""
@@ -82,7 +84,10 @@ def submit(
     if dry_run:
         return
     job_client = _client(address)
-    job_id = _call("submit", jobs.submit, job_client, plan)
+    try:
+        job_id = _call("submit", lambda: jobs.submit(job_client, plan, agent_wait_s=agent_wait_s))
+    except jobs.JobsError as err:
+        fail_config(f"submit: {err}")
     typer.echo(job_id)
     if not follow:
         return

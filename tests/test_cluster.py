@@ -182,6 +182,33 @@ def test_plain_ray_job_submit_runs_jobs_sweep_and_loraforge_stops_it(cluster: Lo
     assert status.returncode == 1 and json.loads(status.stdout)["status"] == "STOPPED", status.stdout
 
 
+def test_submit_to_a_head_with_no_job_agent_yet_retries_within_a_bound(cluster: LocalCluster, tmp_path: Path, sst2_small):
+    """Ray's "No available agent" (HTTP 500, a head still starting): retried, then submitted; forever: exit 2 in bound."""
+    from tests.support.job_proxy import JobServerProxy
+
+    args = ["submit", "configs/quickstart.yaml", "--on-cluster", "data.eval_path", f"data.eval_path={sst2_small['eval']}",
+            "tracking.tracking_uri=http://127.0.0.1:9", f"ray.storage_path={tmp_path / 'results'}", *SWEEP]
+    with JobServerProxy(cluster.address, refuse=2) as proxy:
+        submitted = loraforge(cluster, *args, "--address", proxy.url)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert proxy.submits == 3
+    assert submitted.stderr.count("the job server has no agent to take the job yet") == 2
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    deadline = time.time() + 120  # the job stops at preflight (nothing listens on :9); wait so it holds no CPU after
+    while job_info(cluster, job_id)["status"] in ("PENDING", "RUNNING") and time.time() < deadline:
+        time.sleep(1)
+    assert job_info(cluster, job_id)["driver_exit_code"] == 2
+
+    with JobServerProxy(cluster.address, refuse=float("inf")) as proxy:
+        start = time.monotonic()
+        refused = loraforge(cluster, *args, "--address", proxy.url, "--agent-wait-s", "3")
+        took = time.monotonic() - start
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"the job server at {proxy.url} had no agent to take the job" in refused.stderr
+    assert "--agent-wait-s" in refused.stderr and "Traceback" not in refused.stderr
+    assert 2 <= proxy.submits <= 4 and took < 60
+
+
 def _node_ids(cluster: LocalCluster) -> dict[int, str]:
     request = urllib.request.Request(f"{cluster.address}/nodes?view=summary", headers={"Authorization": f"Bearer {cluster.token}"})
     with urllib.request.urlopen(request, timeout=10) as reply:
