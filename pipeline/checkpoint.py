@@ -209,3 +209,50 @@ def choose_resume(latest: Path) -> tuple[Path, list[str]]:
     raise CheckpointError(
         "no valid checkpoint to resume from, refusing to start the trial from scratch: " + "; ".join(skipped)
     )
+
+
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
+
+
+def repair_train_snapshot(store: Any, run_dir: str) -> list[str]:
+    """Drop the checkpoints Ray Train's run snapshot names but storage no longer has; the names dropped.
+
+    A checkpoint folder deleted by hand or by a storage lifecycle rule (fault F9) makes Ray
+    refuse the whole run on restart (`CheckpointManagerInitializationError`: use a new run
+    name or delete the run's folder, losing every checkpoint). Without those entries Ray
+    resumes from the newest checkpoint still there. `store` is a `pipeline.storage.Storage`;
+    the snapshot is rewritten in one write (atomic locally, one PUT on an object store).
+    """
+    path = f"{run_dir}/{TRAIN_SNAPSHOT}"
+    if not store.exists(path):
+        return []
+    try:
+        state = json.loads(store.read_text(path))
+        results = state["checkpoint_results"]
+        indices = state["checkpoint_report_indices"]
+        gone = [r["checkpoint_dir_name"] for r in results if not store.exists(f"{run_dir}/{r['checkpoint_dir_name']}")]
+    except (ValueError, KeyError, TypeError):
+        return []  # not the layout this Ray writes: Ray's own check speaks for it
+    if not gone:
+        return []
+    kept = [i for i, r in enumerate(results) if r["checkpoint_dir_name"] not in gone]
+    state["checkpoint_results"] = [results[i] for i in kept]
+    state["checkpoint_report_indices"] = [indices[i] for i in kept]
+    pending = [(t, v) for t, v in zip(state.get("pending_training_results", []), state.get("pending_validation_specs", []))
+               if t.get("checkpoint_dir_name") not in gone]
+    state["pending_training_results"] = [t for t, _ in pending]
+    state["pending_validation_specs"] = [v for _, v in pending]
+    latest = state.get("latest_checkpoint_result")
+    if latest is not None and latest.get("checkpoint_dir_name") in gone:
+        # the newest report still on storage
+        state["latest_checkpoint_result"] = (results[max(kept, key=lambda i: indices[i])] if kept else None)
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if isinstance(state.get(key), list):
+            state[key] = [name for name in state[key] if name not in gone]
+    store.write_text(path, json.dumps(state))
+    left = state["latest_checkpoint_result"]
+    log.warning("Ray Train's snapshot %s named %d checkpoint(s) no longer on storage (%s); %s", store.describe(path),
+                len(gone), ", ".join(gone),
+                f"the run resumes from {left['checkpoint_dir_name']}" if left else "none is left: the run starts over")
+    return gone

@@ -203,6 +203,12 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
         trial["init_checkpoint"] = str(pbt_start)
         trial["pbt_origin"] = {**json.loads((pbt_start.parent / PBT_ORIGIN).read_text()),
                                "generation": _pbt_generation(run_dir.name)}
+    # F9: a checkpoint deleted from storage that Ray's run snapshot still names would fail the restored run
+    store = (Storage(remote_fs, setup["train_storage_path"], setup["storage_uri"]) if remote_fs is not None
+             else Storage.of(setup["train_storage_path"]))
+    run_path = f"{setup['train_storage_path']}/{run_dir.name}" if remote_fs is not None else str(run_dir)
+    if gone := ckpt.repair_train_snapshot(store, run_path):
+        trial["checkpoints_gone"] = gone
     train = config.train
     resources_per_worker = {"CPU": train.cpus_per_worker}
     if train.gpus_per_worker:
@@ -780,6 +786,7 @@ def run_sweep(
         "parent_run_id": parent_run_id,
         "train_storage_path": train_storage_path,
         "storage_filesystem": remote_fs,
+        "storage_uri": store.written,
         "warm_pool": warmpool.current() is not None,
         "lineage": lineage,
         "pack_cpus": packing.cpus_per_pack if packing is not None else None,

@@ -241,6 +241,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             mlflow_client.set_tag(run_id, "loraforge.resumed_from_step", str(step))
             if skipped:
                 mlflow_client.set_tag(run_id, "loraforge.ckpt_fallback", f"{resume_dir}: skipped {'; '.join(skipped)}"[:5000])
+            if gone := (loop_config.get("trial") or {}).get("checkpoints_gone"):
+                mlflow_client.set_tag(run_id, "loraforge.ckpt_missing", ",".join(gone)[:5000])
     metadata_base = {
         "base_model": config.model.name_or_path, "task": config.data.kind,
         "num_labels": getattr(config.data, "num_labels", None), "trainable_params": trainable,

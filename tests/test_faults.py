@@ -1,4 +1,4 @@
-"""Runtime faults injected into real pipeline runs (../shared/reference faults F1, F2, F16, F17).
+"""Runtime faults injected into real pipeline runs (../shared/reference faults F1, F2, F5, F9, F16, F17).
 
 Faults come from outside the product: a test thread SIGKILLs a Ray Train worker
 process, fills the filesystem the workers write checkpoints to, or (F16) a Ray
@@ -227,3 +227,57 @@ def test_f17_disk_full_while_checkpointing_fails_cleanly_and_keeps_the_previous_
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(scratch)], check=False)
+
+
+def _snapshot(config) -> tuple[Path, dict]:
+    [path] = config.ray.storage_path.glob(f"*/train/train-*/{ckpt.TRAIN_SNAPSHOT}")
+    return path, json.loads(path.read_text())
+
+
+def crash_trial_and_delete_its_latest_checkpoint(config, record: dict) -> None:
+    """F5 then F9: SIGKILL the processes running `trainer.fit()` (Tune's trial actor and the Train controller
+    it started, so no snapshot is written after), then delete the checkpoint the snapshot names as latest."""
+    import psutil
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 120
+    while len(registered_checkpoints(config)) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    alive = list_actors(filters=[("state", "=", "ALIVE")])
+    record["actors"] = sorted({a.class_name for a in alive})
+    victims = [a.pid for a in alive if a.class_name in ("TrainController", "ImplicitFunc") or "run_trial" in a.class_name]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs([psutil.Process(p) for p in victims if psutil.pid_exists(p)], timeout=30)
+    record["pids"] = victims
+    path, state = _snapshot(config)
+    latest = state["latest_checkpoint_result"]["checkpoint_dir_name"]
+    record["deleted"], record["deleted_step"] = latest, ckpt.step_of(path.parent / latest)
+    import shutil
+
+    shutil.rmtree(path.parent / latest)
+
+
+def test_f5_f9_a_crashed_trial_driver_resumes_past_a_deleted_checkpoint_in_the_same_run(tmp_path: Path, sst2_small, start_ray):
+    """F5: the trial's `trainer.fit()` process dies; Tune restarts the trial, which finds its Train run by name.
+    F9: the checkpoint that run's snapshot names last is gone; Ray would refuse the run (use a new name
+    or delete the folder), loraforge drops the entry and resumes from the newest checkpoint still there."""
+    start_ray()
+    config = experiment(tmp_path, sst2_small, "f5", num_workers=1, max_failures=1, epochs=3)
+    record: dict = {}
+    watcher = threading.Thread(target=crash_trial_and_delete_its_latest_checkpoint, args=(config, record), daemon=True)
+    watcher.start()
+    result = run_pipeline(config)
+    watcher.join(30)
+    assert len(record.get("pids", [])) == 2, record  # the trial actor and its Train controller
+
+    trial = result.sweep.trials[0]
+    assert trial.status == "DONE" and not trial.error
+    assert trial.last_result["step"] == 30  # 3 epochs of 10 steps, finished
+    client, run = trial_run(config)  # one MLflow run for the trial: the restarted driver found it again
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["loraforge.ckpt_missing"] == record["deleted"]
+    resumed_from = int(run.data.tags["loraforge.resumed_from_step"])
+    assert 2 <= resumed_from < record["deleted_step"]  # the older checkpoint, not scratch
+    assert record["deleted"] not in json.dumps(_snapshot(config)[1])
+    assert [v.status for v in registered_versions(config)] == ["READY"]
