@@ -206,7 +206,14 @@ def _run_stages(config: ExperimentConfig, mlflow_client: Any, experiment_id: str
     best = sweep_result.best
     metric = config.sweep.metric
     model_name, alias = config.tracking.registered_model_name, config.tracking.alias
-    version = register_winner(config, mlflow_client, parent_run_id, best, lineage)
+    try:
+        version = register_winner(config, mlflow_client, parent_run_id, best, lineage)
+    except Exception as err:  # an artifact upload or the registry refused: the sweep's work is all kept
+        raise sweep.SweepError(
+            f"registering the winner ({best.trial_name}, {metric} {best.best_metric:.4f}) failed: "
+            f"{redact.redact_text(f'{type(err).__name__}: {err}')[:600]}. Nothing was registered or aliased; the "
+            f"trials' MLflow runs and checkpoints ({config.ray.storage_path}) are kept. Once the cause is fixed, "
+            f"register it with: loraforge run CONFIG --resume (this config)") from err
     model_uri = f"models:/{model_name}@{alias}"
 
     # evaluate what the registry serves, not what is in memory

@@ -203,3 +203,103 @@ def test_a_sweep_killed_mid_trial_resumes_from_the_bucket(tmp_path: Path, sst2_s
     assert int(continued.data.tags["loraforge.resumed_from_step"]) >= 2  # from its checkpoint in the bucket
     assert tracking.client(uri).get_model_version_by_alias("test-sst2-lora", "candidate").run_id in {
         r.info.run_id for r in runs}
+
+
+def test_storage_faults_mid_sweep_lose_no_checkpoint_and_a_failed_registration_aliases_nothing(
+        tmp_path: Path, sst2_small, s3, monkeypatch):
+    """Through a fault proxy in front of the bucket (tests/support/s3_faults.py):
+    F18 + F3: the bucket drops every request for 8 s, starting at the third checkpoint's train state, so
+    that checkpoint is cut off mid-upload; the worker fails, Train restarts it from the previous one and
+    the trial finishes, every checkpoint the run kept whole.
+    F12: S3 denies the first upload of the winner's MLflow Model: registration fails with a named error,
+    no version exists, nothing is aliased; `--resume` then registers exactly one READY version whose
+    adapter is the checkpoint's bytes."""
+    import ray
+
+    from pipeline import checkpoint as ckpt
+    from pipeline.run import run_pipeline
+    from pipeline.sweep import SweepError
+    from tests.support.s3_faults import ACCESS_DENIED, S3FaultProxy
+
+    outage_s, state = 8.0, {"dirs": [], "outage_from": None, "denied": 0}
+
+    def decide(method: str, path: str):
+        import time
+
+        now = time.monotonic()
+        if state["outage_from"] is not None and now - state["outage_from"] < outage_s:
+            return "drop"
+        key = path.split("?")[0]  # pyarrow uploads in multipart requests: the key, then the part's query
+        if method in ("PUT", "POST") and "/checkpoint_" in key and state["outage_from"] is None:
+            folder, _, rest = key.split("/checkpoint_")[1].partition("/")
+            if rest and folder not in state["dirs"]:  # a file in a checkpoint folder, not Train's snapshot
+                state["dirs"].append(folder)
+            if len(state["dirs"]) == 3 and key.endswith(ckpt.state_file(0)):
+                state["outage_from"], state["cut"] = now, folder
+                return "drop"
+        if method == "PUT" and "/faults-mlflow/" in path and "/models/" in path and not state["denied"]:
+            state["denied"] += 1
+            return ACCESS_DENIED
+        return None
+
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LORAFORGE_STORAGE_CACHE", str(tmp_path / "cache"))
+    with S3FaultProxy(s3, decide) as proxy:
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", proxy.endpoint)  # boto3, for MLflow's artifacts
+        raw = minilm_config(tmp_path, sst2_small, train={"epochs": 3, "eval_every_steps": 2, "max_failures": 3})
+        raw["name"] = "faults"
+        raw["ray"]["storage_path"] = storage_uri(proxy.endpoint, "faults-ray")
+        raw["tracking"].update({"experiment_name": "s3-faults", "registered_model_name": "faults-lora"})
+        config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+        # the experiment's artifacts in the bucket too, as a team's server would put them
+        client = tracking.raw_client(config.tracking.tracking_uri)
+        client.create_experiment("s3-faults", artifact_location=f"s3://{BUCKET}/faults-mlflow")
+        if ray.is_initialized():
+            ray.shutdown()
+        try:
+            with pytest.raises(SweepError) as failed:
+                run_pipeline(config)
+            stored = bucket_objects(s3)
+            resumed = run_pipeline(config, resume=True)
+            adapter = tracking.fetch_adapter("models:/faults-lora@candidate", config.tracking.tracking_uri,
+                                             tmp_path / "dl")
+        finally:
+            ray.shutdown()
+
+    assert state["outage_from"] is not None and proxy.seen("drop"), \
+        ("the outage never started", [e for e in proxy.log if "checkpoint_" in e[1]][:20])
+    assert state["denied"] == 1
+    message = str(failed.value)
+    assert "registering the winner" in message and "AccessDenied" in message and "--resume" in message
+
+    # the trial finished after the outage, restarted from the checkpoint before the cut one
+    client = tracking.client(config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("s3-faults")
+    [trial_run] = client.search_runs([experiment.experiment_id], "tags.`loraforge.trial_id` != ''")
+    tags = trial_run.data.tags
+    assert int(tags.get("loraforge.worker_restarts", 0)) >= 1, (state, {k: v[:300] for k, v in tags.items()})
+    assert int(tags["loraforge.resumed_from_step"]) in (2, 4)  # not the cut one (6), not scratch
+    # every checkpoint Train's snapshot keeps is whole in the bucket; the cut one is not among them
+    [snapshot_key] = [k for k in stored if k.startswith("faults-ray/faults/train/") and k.endswith(ckpt.TRAIN_SNAPSHOT)]
+    import json
+
+    kept = [r["checkpoint_dir_name"] for r in json.loads(stored[snapshot_key])["checkpoint_results"]]
+    assert kept and f"checkpoint_{state['cut']}" not in kept
+    run_prefix = snapshot_key.rsplit("/", 1)[0]
+    for name in kept:
+        files = {k.rsplit("/", 1)[1]: v for k, v in stored.items()
+                 if k.startswith(f"{run_prefix}/{name}/") and not k.endswith("/")}  # not pyarrow's folder markers
+        local = tmp_path / "verify" / name
+        local.mkdir(parents=True)
+        for file, data in files.items():
+            (local / file).write_bytes(data)
+        assert ckpt.verify(local) == [], name
+
+    # F12: nothing registered by the failed attempt; the resume registered one READY version, aliased
+    versions = client.search_model_versions("name = 'faults-lora'")
+    assert [(str(v.version), v.status) for v in versions] == [("1", "READY")]
+    assert resumed.model_version == "1"
+    assert str(client.get_model_version_by_alias("faults-lora", "candidate").version) == "1"
+    best = resumed.sweep.best.best_checkpoint.removeprefix(f"{BUCKET}/")
+    assert (adapter / "adapter_model.safetensors").read_bytes() == bucket_objects(s3)[f"{best}/adapter_model.safetensors"]
