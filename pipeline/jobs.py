@@ -325,7 +325,8 @@ def git_commit(working_dir: Path) -> tuple[str | None, bool]:
 
 def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Path = Path("."),
                     on_cluster: Iterable[str] = (), forward_secrets: Iterable[str] = (), entrypoint_num_cpus: float = 1.0,
-                    submission_id: str | None = None, env: Mapping[str, str] | None = None) -> Submission:
+                    submission_id: str | None = None, env: Mapping[str, str] | None = None,
+                    resume: bool = False) -> Submission:
     """Validate the config as the job will, and build what `submit_job` sends. Raises ConfigError / JobsError."""
     env = dict(os.environ if env is None else env)
     working_dir = working_dir.resolve()
@@ -411,7 +412,7 @@ def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Pat
     entrypoint = ["python", "jobs/sweep.py"]
     for key, rel in uploaded.items():
         entrypoint += ["--uploaded", f"{key}={rel}"]
-    entrypoint += [config_rel.as_posix(), *overrides]
+    entrypoint += [config_rel.as_posix(), *overrides, *(["--resume"] if resume else [])]
     metadata = {"loraforge.config": config.name, "loraforge.config_file": config_rel.as_posix(),
                 "loraforge.secret_names": ",".join(needed), "loraforge.forwarded_secrets": ",".join(forward)}
     if commit:
@@ -466,19 +467,45 @@ def submit(job_client: Any, submission: Submission, *, agent_wait_s: float = 120
 # ---- following a job
 
 
+class JobServerLost(Exception):
+    """The job server stopped answering while a job was followed (its head node gone, or the network)."""
+
+
 def follow(job_client: Any, job_id: str, write: Callable[[str], None] = sys.stdout.write) -> Any:
-    """Stream the job's logs until it ends; its final JobDetails."""
+    """Stream the job's logs until it ends; its final JobDetails. Raises JobServerLost if the server goes away."""
 
     async def tail() -> None:
         async for chunk in job_client.tail_job_logs(job_id):
             write(chunk)
 
-    asyncio.run(tail())
-    info = job_client.get_job_info(job_id)
-    while str(info.status) not in TERMINAL:  # the log stream can close a moment before the status settles
-        time.sleep(0.5)
+    try:
+        asyncio.run(tail())
         info = job_client.get_job_info(job_id)
-    return info
+        while str(info.status) not in TERMINAL:  # the log stream can close a moment before the status settles
+            time.sleep(0.5)
+            info = job_client.get_job_info(job_id)
+        return info
+    except Exception as err:  # aiohttp's, requests' and the SDK's errors alike: the server is gone
+        if _answers(job_client):
+            raise
+        raise JobServerLost(
+            f"lost the job server at {job_client.get_address()} while following job {job_id} "
+            f"({type(err).__name__}). If its head node is gone, so is the job: a Ray cluster without GCS fault "
+            f"tolerance does not outlive its head. The trials' checkpoints on ray.storage_path and the MLflow runs "
+            f"are kept; on a running cluster, continue the sweep with: loraforge submit CONFIG [overrides] --resume"
+        ) from None
+
+
+def _answers(job_client: Any) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{job_client.get_address()}/api/version", timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered, if only to refuse
+    except OSError:
+        return False
 
 
 def exit_code(info: Any) -> int:

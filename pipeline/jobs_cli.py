@@ -27,6 +27,17 @@ def _client(address: str | None) -> Any:
         fail_config(err)
 
 
+def _follow(job_client: Any, job_id: str) -> Any:
+    """Follow a job; a job server that went away is said plainly (exit 1), with what is kept and how to go on."""
+    from pipeline import jobs
+
+    try:
+        return jobs.follow(job_client, job_id)
+    except jobs.JobServerLost as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
+
+
 def _call(what: str, fn: Any, *args: Any) -> Any:
     """A Jobs SDK call; an unknown submission id or a refused request exits 2 naming it."""
     from pipeline import redact
@@ -57,6 +68,8 @@ def submit(
                                           "submit nothing.")] = False,
     agent_wait_s: Annotated[float, typer.Option(help="How long to retry while the job server has no agent to take "
                                                 "the job (a head still starting).", min=0)] = 120.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted sweep of this config on "
+                                         "ray.storage_path (after a lost head, a stopped job).")] = False,
 ) -> None:
     """Submit CONFIG as a Ray job: the working dir uploaded (what git would commit, the inputs the config names,
     no secret-looking files, nothing `.loraforgeignore` names), the config validated here first."""
@@ -66,7 +79,7 @@ def submit(
     try:
         plan = jobs.plan_submission(config_path, overrides or [], working_dir=working_dir, on_cluster=on_cluster or [],
                                     forward_secrets=forward_secret or [], entrypoint_num_cpus=entrypoint_num_cpus,
-                                    submission_id=submission_id)
+                                    submission_id=submission_id, resume=resume)
     except (ConfigError, jobs.JobsError) as err:
         fail_config(err)
     for warning in plan.warnings:
@@ -91,7 +104,7 @@ def submit(
     typer.echo(job_id)
     if not follow:
         return
-    info = jobs.follow(job_client, job_id)
+    info = _follow(job_client, job_id)
     typer.echo(f"job {job_id}: {info.status}", err=True)
     raise typer.Exit(jobs.exit_code(info))
 
@@ -135,13 +148,13 @@ def jobs_logs(job_id: JobIdArgument, address: AddressOption = None,
         sys.stdout.write(_call(f"logs {job_id}", job_client.get_job_logs, job_id))
         return
     _call(f"logs {job_id}", job_client.get_job_info, job_id)  # an unknown id exits 2 before streaming
-    info = jobs.follow(job_client, job_id)
+    info = _follow(job_client, job_id)
     raise typer.Exit(jobs.exit_code(info))
 
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: JobIdArgument, address: AddressOption = None) -> None:
-    """Stop a running job (its trials' checkpoints stay; `loraforge run --resume` continues it)."""
+    """Stop a running job (its trials' checkpoints stay; `loraforge submit CONFIG --resume` continues it)."""
     job_client = _client(address)
     stopped = _call(f"stop {job_id}", job_client.stop_job, job_id)
     typer.echo(f"{job_id}: {'stop requested' if stopped else 'already ended'}")

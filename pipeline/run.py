@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic, evaluate, interrupts, outbox, planner, preflight, redact, report, sweep, tracking, warmpool
-from pipeline.config import ExperimentConfig, RaySpec
+from pipeline.config import ConfigError, ExperimentConfig, RaySpec
 
 log = logging.getLogger("loraforge")
 
@@ -69,6 +69,49 @@ def outbox_dir(config: ExperimentConfig) -> Path:
     return Path(RaySpec.model_fields["storage_path"].default, "mlflow_outbox").resolve()  # the default folder
 
 
+def placed_here(stored: dict[str, Any], given: ExperimentConfig) -> dict[str, Any]:
+    """The stored config with where-it-runs taken from `given`: the cluster to join and the input files' paths.
+
+    A sweep resumed on another cluster (its head lost, F7) must not dial the old head's address, and a
+    submitted job's inputs lie in that job's own working dir.
+    """
+    from pipeline.jobs import input_paths
+
+    placed = json.loads(json.dumps(stored))
+    for key in ("address", "num_cpus", "warm_workers"):
+        placed["ray"][key] = getattr(given.ray, key)
+    for key, path in input_paths(given).items():
+        *parents, last = key.split(".")
+        node: Any = placed
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) and int(part) < len(node) else (
+                node.get(part) if isinstance(node, dict) else None)
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node[last] = str(path)
+    return placed
+
+
+GCS_PROBE_TIMEOUT_S = 10
+
+
+def probe_cluster(address: str) -> None:
+    """One TCP connect to `ray.address` with a short timeout: `ray.init` retries an absent GCS forever."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError([f"ray.address {address}: nothing answers there ({err.strerror or err}); the cluster is gone "
+                           "or not started. Start it, or point RAY_ADDRESS / ray.address at a running one (unset: a "
+                           "local instance)"]) from None
+
+
 def connect_ray(config: ExperimentConfig) -> bool:
     """Join `ray.address` (RAY_ADDRESS already folded into the config) or start a local instance.
 
@@ -83,6 +126,7 @@ def connect_ray(config: ExperimentConfig) -> bool:
         # inside a Ray job, variables its runtime env sets already reach every worker; Ray refuses to set them twice
         job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env", {}).get("env_vars") or {}
         env_vars = {k: os.environ[k] for k in (*_RAY_ENV_DEFAULTS, outbox.ENV_VAR) if k in os.environ and k not in job_env}
+        probe_cluster(config.ray.address)
         ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return False
     # one machine has no spot preemption to watch; the watcher is one more process per trial
@@ -114,8 +158,9 @@ def _run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None, resume:
         resume_dir = sweep.find_resumable(config)
         state = sweep.read_run_state(config, resume_dir)
         given = config.model_dump(mode="json")
-        # the stored config's secrets are masked: the config given now supplies them
-        stored = ExperimentConfig.model_validate(redact.restore(state["config"], given))
+        # the stored config's secrets are masked: the config given now supplies them; so does where
+        # this run is (the cluster, the input files' paths), which a sweep resumed elsewhere changes
+        stored = ExperimentConfig.model_validate(placed_here(redact.restore(state["config"], given), config))
         if stored.model_dump(mode="json") != given:
             log.warning("--resume: continuing %s with the config it started with, not the one given now", resume_dir)
         config, parent_run_id = stored, state["parent_run_id"]

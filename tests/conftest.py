@@ -159,6 +159,7 @@ def tiny_causal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 PLANTED_SECRETS = {"OPENAI_API_KEY": "sk-planted-0penai-key-4242", "HF_TOKEN": "hf_plantedTokenValue9090",
                    "MLFLOW_TRACKING_PASSWORD": "planted-tracking-pw-77"}
 PLANTED_URL_PASSWORD = "pl4nted-url-pass"
+PLANTED_JUDGE_KEY = "jk-planted-team-judge-5151"
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +189,9 @@ def sst2_sweep(tmp_path_factory: pytest.TempPathFactory, sst2_small):
         tracking={"system_metrics_interval_s": 1},
         eval={"suites": None},  # the default for classification: the run ends with the classification suite
         # a judge URL with credentials in it: never used by this sweep, but part of the config MLflow records
-        judge={"base_url": f"http://judge-user:{PLANTED_URL_PASSWORD}@127.0.0.1:9/v1", "model": "gpt-4"},
+        # and a key under a name nothing would guess is secret: masked because the config names it
+        judge={"base_url": f"http://judge-user:{PLANTED_URL_PASSWORD}@127.0.0.1:9/v1", "model": "gpt-4",
+               "api_key_env": "TEAM_JUDGE_KEY"},
         registry={"promotion": {"gate": [{"metric": "classification.accuracy", "min": 0.5, "min_gain": 0.01}]}},
     )
     config_path = write_yaml(tmp / "c.yaml", raw)
@@ -196,10 +199,25 @@ def sst2_sweep(tmp_path_factory: pytest.TempPathFactory, sst2_small):
     # a Ray instance of its own, started after the secrets are in the environment its workers inherit
     if ray.is_initialized():
         ray.shutdown()
-    with env(PLANTED_SECRETS):
+    # the terminal, as `loraforge run` shows it (its log filter on), and Ray's session logs, for the secret scan
+    import logging
+    import shutil
+
+    from pipeline import redact
+
+    terminal = logging.FileHandler(tmp / "terminal.log")
+    terminal.addFilter(redact.LogFilter())
+    logging.getLogger().addHandler(terminal)
+    with env({**PLANTED_SECRETS, "TEAM_JUDGE_KEY": PLANTED_JUDGE_KEY + "\n"}):  # read with its newline
         try:
             result = run_pipeline(config, reports_dir=tmp / "reports")
         finally:
+            logging.getLogger().removeHandler(terminal)
+            terminal.close()
+            if ray.is_initialized():
+                session = ray._private.worker._global_node.get_session_dir_path()
+                shutil.copytree(Path(session) / "logs", tmp / "ray-logs", ignore_dangling_symlinks=True,
+                                dirs_exist_ok=True)
             ray.shutdown()
     version = tracking.client(config.tracking.tracking_uri).get_model_version_by_alias(
         config.tracking.registered_model_name, "candidate")

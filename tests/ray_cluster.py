@@ -130,10 +130,14 @@ class LocalCluster:
         return node
 
     def kill(self, node: Node) -> None:
-        """SIGKILL a node's raylet and everything under it (its workers, agents): the node is gone."""
+        """SIGKILL a node's raylet and everything under it (its workers, agents), and every process started
+        for it (on the head: the GCS and the dashboard, which are not the raylet's children): the node is gone."""
         raylet = node.raylet()
         assert raylet is not None, f"no raylet for {node.name}"
         procs = [raylet, *raylet.children(recursive=True)]
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(node.temp_dir) in " ".join(proc.info["cmdline"] or []) and proc not in procs:
+                procs.append(proc)
         for proc in procs:
             try:
                 proc.send_signal(signal.SIGKILL)

@@ -262,3 +262,62 @@ def test_a_submitted_sweep_spreads_over_both_nodes_and_survives_losing_one(clust
     parent = client.search_runs([experiment.experiment_id], "tags.`loraforge.kind` = 'sweep'")[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags.get("mlflow.source.git.commit") == job_info(cluster, job_id)["metadata"].get("loraforge.git_commit")
+
+
+def test_f7_a_lost_head_ends_the_followed_job_plainly_and_resume_on_a_new_cluster_finishes_it(
+        cluster: LocalCluster, tmp_path: Path, sst2_small):
+    """F7, head node death without GCS fault tolerance: the whole cluster is gone, `submit --follow` says so
+    (exit 1, what is kept, the --resume command), and `submit --resume` on a new cluster continues the sweep
+    from the shared storage: the same MLflow parent and trial runs, one registered version. Runs last: it
+    kills the module's cluster."""
+    db, results = tmp_path / "mlruns.db", tmp_path / "results"  # storage that outlives the cluster
+    args = ["submit", "configs/quickstart.yaml", "--on-cluster", "data.eval_path", f"data.eval_path={sst2_small['eval']}",
+            f"tracking.tracking_uri=sqlite:///{db}", f"ray.storage_path={results}", *SWEEP, "--follow"]
+    following = subprocess.Popen([str(BIN / "loraforge"), *args, "--address", cluster.address], cwd=REPO,
+                                 env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def committed() -> bool:
+        """A checkpoint Ray Train has recorded in a run snapshot (files alone may never be counted)."""
+        for snapshot in results.glob("*/train/train-*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    return True
+            except (OSError, ValueError):
+                pass  # being rewritten
+        return False
+
+    try:
+        deadline = time.time() + 240
+        while not committed() and time.time() < deadline:
+            assert following.poll() is None, following.communicate()
+            time.sleep(0.2)
+        assert committed(), "no checkpoint before the head was killed"
+        for node in list(cluster.nodes):
+            cluster.kill(node)
+        out, err = following.communicate(timeout=120)
+    finally:
+        if following.poll() is None:
+            following.kill()
+    assert following.returncode == 1, out[-2000:] + err[-3000:]
+    assert f"lost the job server at {cluster.address}" in err and "--resume" in err and "Traceback" not in err
+
+    second = LocalCluster(tmp_path / "cluster2")
+    try:
+        second.start_head(num_cpus=3)
+        try:
+            resumed = subprocess.run([str(BIN / "loraforge"), *args, "--resume", "--address", second.address], cwd=REPO,
+                                     env=second.client_env(), capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError((err.stdout or b"")[-8000:].decode(errors="replace")) from None
+    finally:
+        second.stop()
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-3000:]
+    assert "registered: models:/quickstart-sst2-lora@candidate" in resumed.stdout
+
+    client = tracking.client(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("loraforge-quickstart")
+    parents = client.search_runs([experiment.experiment_id], "tags.`loraforge.kind` = 'sweep'")
+    trials = client.search_runs([experiment.experiment_id], "tags.`loraforge.kind` = 'trial'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # continued, not a second sweep
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert any(int(t.data.tags.get("loraforge.resumed_from_step", 0)) > 0 for t in trials)  # not from scratch
+    assert [str(v.version) for v in client.search_model_versions("name = 'quickstart-sst2-lora'")] == ["1"]

@@ -274,11 +274,16 @@ def bad_input_cases(tmp_path: Path, base: dict) -> dict[str, tuple[list[str], li
     (root / "sst2" / "train.jsonl").mkdir(parents=True)
     cases["data fetch onto a folder"] = (["data", "fetch", "sst2", "--root", str(root)],
                                          [f"{root / 'sst2' / 'train.jsonl'}: a folder where the data manifest puts the file"])
+    from tests.ray_cluster import free_port
+
+    gone = f"127.0.0.1:{free_port()}"  # a head that is gone: ray.init would retry it forever
+    cases["a cluster that is gone"] = (["run", config_path, f"ray.address={gone}"],
+                                       [f"ray.address {gone}: nothing answers there", "RAY_ADDRESS"])
     return cases
 
 
 BAD_INPUTS = ["alias bomb", "alias bomb in an override", "huge config", "config not UTF-8", "data row not UTF-8",
-              "data file cut short", "export of a missing model", "data fetch onto a folder"]
+              "data file cut short", "export of a missing model", "data fetch onto a folder", "a cluster that is gone"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import tracking
 from pipeline.config import load_config
-from tests.conftest import PLANTED_SECRETS, PLANTED_URL_PASSWORD
+from tests.conftest import PLANTED_JUDGE_KEY, PLANTED_SECRETS, PLANTED_URL_PASSWORD
 
 pytestmark = pytest.mark.slow
 
@@ -125,11 +125,20 @@ def test_version_lineage_tags_and_run_records(swept):
 
 
 def test_no_secret_anywhere_in_the_store(swept):
+    """Every file the run wrote: the MLflow store and its artifacts, the sweep's storage (run state, Tune
+    state, checkpoints), the reports, the terminal, Ray's logs; secrets from the environment, a URL password
+    in the config and a judge key under a name only the config marks secret (read with its newline)."""
     config, _, _, tmp = swept
-    store = [tmp / "mlruns.db", *[p for p in (tmp / "mlartifacts").rglob("*") if p.is_file()]]
-    names = {p.name for p in store}
-    assert {"MLmodel", "config.yaml", "results.json", "report.md"} <= names, names
-    planted = [*SECRETS.values(), URL_PASSWORD]
+    written = [tmp / "mlruns.db", tmp / "terminal.log"]
+    for folder in ("mlartifacts", "ray_results", "reports", "ray-logs"):
+        written += [p for p in (tmp / folder).rglob("*") if p.is_file()]
+    names = {p.name for p in written}
+    assert {"MLmodel", "config.yaml", "results.json", "report.md", "loraforge_run.json",
+            "adapter_model.safetensors"} <= names, names
+    assert any(p.name.startswith("python-core-worker") for p in written)  # Ray's logs were there to scan
+    assert "registered" in (tmp / "terminal.log").read_text() or "sweep" in (tmp / "terminal.log").read_text()
+    store = written
+    planted = [*SECRETS.values(), URL_PASSWORD, PLANTED_JUDGE_KEY]
     leaks = [(str(p), s) for p in store for s in planted if s.encode() in p.read_bytes()]
     assert leaks == []
     # the config was recorded, with the credential masked rather than dropped
