@@ -457,6 +457,13 @@ def _killed_status() -> str:
     return "INTERRUPTED" if interrupts.received() is not None else "BUDGET"
 
 
+def _restored_callback() -> Any:
+    """What a pickled TrialRunCallback comes back as: a no-op until run_sweep puts the live one in its place."""
+    from ray.tune import Callback
+
+    return Callback()
+
+
 def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, store: Storage,
                    train_storage_path: str, lineage: dict[str, Any] | None = None) -> Any:
     from ray.tune import Callback
@@ -472,6 +479,12 @@ def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: 
 
         def __init__(self) -> None:
             self.trials: dict[str, TrialSummary] = {}
+
+        def __reduce__(self) -> tuple:
+            # Tune pickles its run config, callbacks included, into tuner.pkl on ray.storage_path (a shared
+            # folder or bucket); this callback holds the config, secrets and all. A restore puts a fresh
+            # callback in its place (run_sweep), so the pickle keeps a placeholder
+            return (_restored_callback, ())
 
         def _summary(self, trial: Any) -> TrialSummary:
             sampled = {_path(k): v for k, v in trial.config.items()}

@@ -207,12 +207,15 @@ def sst2_sweep(tmp_path_factory: pytest.TempPathFactory, sst2_small):
 
     terminal = logging.FileHandler(tmp / "terminal.log")
     terminal.addFilter(redact.LogFilter())
-    logging.getLogger().addHandler(terminal)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(terminal)
+    root.setLevel(logging.INFO)  # what `loraforge run` prints (pipeline.cli_common.setup_logging)
     with env({**PLANTED_SECRETS, "TEAM_JUDGE_KEY": PLANTED_JUDGE_KEY + "\n"}):  # read with its newline
         try:
             result = run_pipeline(config, reports_dir=tmp / "reports")
         finally:
-            logging.getLogger().removeHandler(terminal)
+            root.removeHandler(terminal)
+            root.setLevel(level)
             terminal.close()
             if ray.is_initialized():
                 session = ray._private.worker._global_node.get_session_dir_path()
