@@ -274,6 +274,12 @@ def bad_input_cases(tmp_path: Path, base: dict) -> dict[str, tuple[list[str], li
     (root / "sst2" / "train.jsonl").mkdir(parents=True)
     cases["data fetch onto a folder"] = (["data", "fetch", "sst2", "--root", str(root)],
                                          [f"{root / 'sst2' / 'train.jsonl'}: a folder where the data manifest puts the file"])
+    sweep_dir = Path(base["ray"]["storage_path"]) / base["name"]  # a sweep whose run state a crash cut short
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "tuner.pkl").write_bytes(b"")  # all Tune's can_restore looks for
+    (sweep_dir / "loraforge_run.json").write_text('{"experiment_id": "1", "parent_run_id": "ab')
+    cases["run state cut short"] = (["run", config_path, "--resume"],
+                                    [f"--resume: {sweep_dir / 'loraforge_run.json'} is unreadable", "start afresh"])
     from tests.ray_cluster import free_port
 
     gone = f"127.0.0.1:{free_port()}"  # a head that is gone: ray.init would retry it forever
@@ -283,7 +289,8 @@ def bad_input_cases(tmp_path: Path, base: dict) -> dict[str, tuple[list[str], li
 
 
 BAD_INPUTS = ["alias bomb", "alias bomb in an override", "huge config", "config not UTF-8", "data row not UTF-8",
-              "data file cut short", "export of a missing model", "data fetch onto a folder", "a cluster that is gone"]
+              "data file cut short", "export of a missing model", "data fetch onto a folder", "a cluster that is gone",
+              "run state cut short"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -314,6 +321,12 @@ def test_a_database_store_that_is_down_or_silent_is_reported_in_under_30_s(tmp_p
     import socket
     import time
 
+    sweep_dir = Path(base["ray"]["storage_path"]) / base["name"]  # a sweep whose run state a crash cut short
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "tuner.pkl").write_bytes(b"")  # all Tune's can_restore looks for
+    (sweep_dir / "loraforge_run.json").write_text('{"experiment_id": "1", "parent_run_id": "ab')
+    cases["run state cut short"] = (["run", config_path, "--resume"],
+                                    [f"--resume: {sweep_dir / 'loraforge_run.json'} is unreadable", "start afresh"])
     from tests.ray_cluster import free_port
 
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
