@@ -120,7 +120,7 @@ def eval_command(
     try:
         config = load_config(config_path, overrides or [])
         from pipeline import preflight
-        from pipeline.run import set_env_defaults
+        from pipeline.cluster import set_env_defaults
 
         set_env_defaults()
         problems = preflight.check_model(config) + preflight.check_data_files(config)
@@ -195,7 +195,7 @@ def promote(
             k: v for k, v in (("from_alias", from_alias), ("to_alias", to_alias)) if v is not None})
         config = config.model_copy(update={"registry": config.registry.model_copy(update={"promotion": promotion})})
         from pipeline.registry import promotion as promoting
-        from pipeline.run import set_env_defaults
+        from pipeline.cluster import set_env_defaults
 
         set_env_defaults()
         if rollback:

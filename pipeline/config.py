@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline import redact
+from pipeline import gguf, redact
 from pipeline.datafiles import data_root
 
 
@@ -69,8 +69,6 @@ def resolve_model_path(name_or_path: str) -> str:
     else:
         path = _package_path(name_or_path[len(PKG_PREFIX):])
     if path.lower().endswith(".gguf"):
-        from pipeline import gguf
-
         return str(gguf.converted_dir(Path(path).expanduser()))
     return path
 

@@ -226,30 +226,11 @@ def excludes_for(working_dir: Path, files: list[str]) -> list[str]:
     return excludes
 
 
-def input_paths(config: ExperimentConfig) -> dict[str, Path]:
-    """The files the job reads, by config key (only those of the stages that will run)."""
-    paths = {"data.train_path": config.data.train_path, "data.eval_path": config.data.eval_path}
-    from pipeline.eval.stage import suite_names
-
-    suites = suite_names(config)
-    if "mt_bench" in suites:
-        paths["eval.mt_bench.questions_path"] = config.eval.mt_bench.questions_path
-    if any(s.startswith("judge") for s in suites):
-        judge = config.judge
-        paths["judge.questions_path"] = judge.questions_path
-        paths["judge.prompts_path"] = judge.prompts_path
-        if judge.reference_path is not None:
-            paths["judge.reference_path"] = judge.reference_path
-        for i, ref in enumerate(judge.side_by_side):
-            paths[f"judge.side_by_side.{i}.path"] = ref.path
-    return paths
-
-
 def secret_names(config: ExperimentConfig, env: Mapping[str, str]) -> list[str]:
     """The secret variables the job needs on the cluster (names only)."""
-    names = []
-    from pipeline.eval.stage import suite_names
+    from pipeline.eval.catalog import suite_names  # here, not above: `loraforge jobs list` needs no model stack
 
+    names = []
     suites = suite_names(config)
     if config.judge.api_key_env and any(s.startswith("judge") for s in suites):
         names.append(config.judge.api_key_env)
@@ -340,8 +321,10 @@ def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Pat
         raise JobsError("; ".join(problems))
     # the cluster supplies its own address; the rest of the environment folds in as it will there
     config = load_config(config_path, overrides, env={k: v for k, v in env.items() if k != "RAY_ADDRESS"})
+    from pipeline import preflight  # here, not above: `loraforge jobs list` needs no model stack
+
     on_cluster = list(on_cluster)
-    paths = input_paths(config)
+    paths = preflight.input_paths(config)
     problems = [f"--on-cluster {key}: not an input path of this config (it reads {', '.join(paths)})"
                 for key in on_cluster if key not in paths]
     problems += config_credentials(config, overrides)
@@ -360,8 +343,6 @@ def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Pat
             problems.append(f"{key}: {local} not found; fetch it first (loraforge data fetch) or pass --on-cluster {key}")
             continue
         uploaded[key] = rel.as_posix()
-    from pipeline import preflight
-
     # the bucket is the cluster's to reach (its nodes may hold credentials this machine lacks)
     problems += preflight.check_storage(config, reach=False)
     forward = list(forward_secrets)

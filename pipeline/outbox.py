@@ -34,7 +34,31 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline import atomic
+
 log = logging.getLogger("loraforge")
+
+
+def raw_client(tracking_uri: str) -> Any:
+    """MLflow's own client for `tracking_uri` (pipeline.tracking.client adds the outbox to it)."""
+    from mlflow import MlflowClient
+
+    # the registry URI is given explicitly: left out, MLflow falls back to a process-global
+    # one that any other code in the process may have set
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def log_datasets(mlflow_client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
+    """The datasets as the run's MLflow inputs (shown in the UI's Datasets panel), context as MLflow's tag."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [DatasetInput(
+        Dataset(name=r["name"], digest=r["sha256"][:32], source_type="local",
+                source=json.dumps({"uri": Path(r["source"]).as_uri()}),
+                profile=json.dumps({"num_rows": r["rows"]})),
+        tags=[InputTag(MLFLOW_DATASET_CONTEXT, r["context"])]) for r in records]
+    mlflow_client.log_inputs(run_id, datasets=inputs)
 
 ENV_VAR = "LORAFORGE_MLFLOW_OUTBOX"
 RETRY_S = 10.0  # after a failed write, queue without trying the server for this long
@@ -167,8 +191,6 @@ class Outbox:
                 if not rest and path != self.mine:
                     path.unlink()
                 else:
-                    from pipeline import atomic
-
                     atomic.write_text(path, "".join(json.dumps(e) + "\n" for e in rest))
             sent += done
             left += len(rest)
@@ -200,9 +222,7 @@ class Outbox:
             case "set_terminated":
                 mlflow_client.set_terminated(run_id, status=entry.get("status"), end_time=entry.get("end_time"))
             case "log_inputs":
-                from pipeline.registry import lineage
-
-                lineage.log_datasets(mlflow_client, run_id, entry["datasets"])
+                log_datasets(mlflow_client, run_id, entry["datasets"])
             case op:
                 raise ValueError(f"outbox: unknown operation {op!r}")
 
@@ -288,9 +308,7 @@ class ResilientClient:
                     run_id=run_id, status=status, end_time=end_time)
 
     def log_datasets(self, run_id: str, records: list[dict[str, Any]]) -> None:
-        from pipeline.registry import lineage
-
-        self._write("log_inputs", lambda: lineage.log_datasets(self._client, run_id, records),
+        self._write("log_inputs", lambda: log_datasets(self._client, run_id, records),
                     run_id=run_id, datasets=records)
 
 
@@ -299,13 +317,11 @@ def drain_at_end(tracking_uri: str, wait_s: float) -> tuple[int, int, Path | Non
     root = os.environ.get(ENV_VAR)
     if not root or not Path(root).is_dir():
         return 0, 0, None
-    from pipeline import tracking
-
     outbox = Outbox(Path(root))
     deadline = time.monotonic() + wait_s
     sent = 0
     while True:
-        done, left = outbox.drain(tracking.raw_client(tracking_uri))
+        done, left = outbox.drain(raw_client(tracking_uri))
         sent += done
         if not left or time.monotonic() >= deadline:
             return sent, left, outbox.root

@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline import adapters
 from pipeline.config import ExperimentConfig
+from pipeline.strategies import torch_optimizer
 
 
 def member_name(index: int) -> str:
@@ -215,8 +216,6 @@ class Member:
 
 def member_optimizer(pack: PackedLora, member: Member) -> torch.optim.Optimizer:
     """The optimizer a solo run of the config builds: AdamW (or paged), decay and no-decay groups."""
-    from pipeline.strategies import torch_optimizer
-
     train = member.config.train
     decay = [p for p in pack.params[member.name] if p.ndim >= 2]
     no_decay = [p for p in pack.params[member.name] if p.ndim < 2]

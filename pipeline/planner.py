@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import adapters
+from pipeline import sweep as sweep_mod
 from pipeline.config import PACKABLE_PATHS, ConfigError, ExperimentConfig
 
 GiB = 1024**3
@@ -132,8 +133,6 @@ def sample_points(config: ExperimentConfig) -> list[dict[str, Any]]:
     import random
 
     import numpy as np
-
-    from pipeline import sweep as sweep_mod
 
     spec = config.sweep
     if spec.searcher == "grid":

@@ -16,6 +16,9 @@ import torch
 
 from pipeline import adapters, data, datafiles, strategies
 from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig, is_uri
+from pipeline.eval import catalog
+from pipeline.eval.judge import stage as judge_stage
+from pipeline.storage import Storage
 
 log = logging.getLogger("loraforge")
 
@@ -195,8 +198,6 @@ def check_storage(config: ExperimentConfig, reach: bool = True) -> list[str]:
     storage = config.ray.storage_path
     if not is_uri(storage):
         return []
-    from pipeline.storage import Storage
-
     problems = []
     if config.sweep.scheduler == "pbt":
         problems.append(f"sweep.scheduler: pbt copies checkpoints between trials on a filesystem, but ray.storage_path="
@@ -250,15 +251,11 @@ def check_suites(config: ExperimentConfig) -> list[str]:
     """What the benchmark suites after the sweep need (Java, harness tasks, the judge), checked before training."""
     if not config.eval.enabled:
         return []
-    from pipeline.eval import suite, stage
-
     try:
-        names = stage.suite_names(config)
+        names = catalog.suite_names(config)
     except ConfigError as err:
         return err.problems
-    from pipeline.eval.judge import stage as judge_stage
-
-    problems = [problem for name in names if name not in JUDGE_SUITES for problem in suite.get(name).check(config)]
+    problems = [problem for name in names if name not in JUDGE_SUITES for problem in catalog.get(name).check(config)]
     problems += judge_stage.check(config, names)
     if not problems and judge_stage.modes(names) and config.judge.base_url is not None:
         try:  # a remote judge is probed before training (the local one starts at the evaluation stage)
@@ -277,3 +274,20 @@ def check_data_files(config: ExperimentConfig) -> list[str]:
         for split, path in (("train", config.data.train_path), ("eval", config.data.eval_path))
         if (problem := datafiles.check_file(path, manifest=manifest))
     ]
+
+
+def input_paths(config: ExperimentConfig) -> dict[str, Path]:
+    """The files the job reads, by config key (only those of the stages that will run)."""
+    paths = {"data.train_path": config.data.train_path, "data.eval_path": config.data.eval_path}
+    suites = catalog.suite_names(config)
+    if "mt_bench" in suites:
+        paths["eval.mt_bench.questions_path"] = config.eval.mt_bench.questions_path
+    if any(s.startswith("judge") for s in suites):
+        judge = config.judge
+        paths["judge.questions_path"] = judge.questions_path
+        paths["judge.prompts_path"] = judge.prompts_path
+        if judge.reference_path is not None:
+            paths["judge.reference_path"] = judge.reference_path
+        for i, ref in enumerate(judge.side_by_side):
+            paths[f"judge.side_by_side.{i}.path"] = ref.path
+    return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline import render
 from pipeline.sweep import TrialSummary
 
 
@@ -30,12 +31,6 @@ def trial_rows(trials: list[TrialSummary], config: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1 else f"{value:.4g}"
-    return "-" if value is None else str(value)
-
-
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -44,23 +39,16 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     for column in rows[0]:
         table.add_column(column, justify="right" if column not in ("trial", "strategy", "targets", "status") else "left")
     for row in rows:
-        table.add_row(*(_fmt(v) for v in row.values()))
+        table.add_row(*(render.cell(v) for v in row.values()))
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # logs and CI: do not squeeze the table to 80 columns
     console.print(table)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(rows[0]) + " |"
-    rule = "|" + "|".join("---" for _ in rows[0]) + "|"
-    body = ["| " + " | ".join(_fmt(v) for v in row.values()) + " |" for row in rows]
-    return "\n".join([header, rule, *body])
-
-
 def learning_curves_png(histories: dict[str, list[tuple[int, float]]], metric: str, path: Path) -> Path:
     """Metric vs step, one line per trial."""
-    plt = _plt()
+    plt = render.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in sorted(histories.items()):
@@ -77,19 +65,7 @@ def _save_line_plot(plt: Any, fig: Any, ax: Any, labels: tuple[str, str, str], l
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return render.save(plt, fig, path)
 
 
 def _by_seed(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[tuple[str, int], dict[int, float]]:
@@ -116,7 +92,7 @@ def metric_vs_rank_png(rows: list[dict[str, Any]], metric: str, mode: str, path:
 
     With several seeds the line is their mean and each seed is a small dot.
     """
-    plt = _plt()
+    plt = render.pyplot()
     by_seed = _by_seed(rows, metric, mode)
     seeds = {seed for values in by_seed.values() for seed in values}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -137,7 +113,7 @@ def rank_targets_heatmap_png(rows: list[dict[str, Any]], metric: str, mode: str,
     """rank x target set, each cell the metric averaged over seeds (blank where none reported)."""
     import numpy as np
 
-    plt = _plt()
+    plt = render.pyplot()
     cells = _mean_by(rows, metric, mode)
     targets = sorted({t for t, _ in cells})
     ranks = sorted({r for _, r in cells})

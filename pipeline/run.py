@@ -15,28 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, evaluate, interrupts, outbox, planner, preflight, redact, report, sweep, tracking, warmpool
+from pipeline import (atomic, cluster, data, evaluate, interrupts, outbox, planner, preflight, redact, render, report,
+                      sweep, tracking, warmpool)
 from pipeline.config import ConfigError, ExperimentConfig, RaySpec
+from pipeline.eval import catalog, stage
+from pipeline.registry import lineage, mlflow_model
 
 log = logging.getLogger("loraforge")
-
-# Faster failure detection and trial turnover than Ray's 2 s polling, without the
-# CPU that 0.1 s polling takes from training on a small machine; set before Ray
-# starts so the controller and workers inherit it.
-_RAY_ENV_DEFAULTS = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_V2_ENABLED": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    # a tracking server that went away: fail a write in seconds (it waits in the outbox) instead of
-    # MLflow's default of about four minutes of retries
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
-
 
 @dataclass
 class PipelineResult:
@@ -48,14 +33,6 @@ class PipelineResult:
     eval_metrics: dict[str, float]
     rows: list[dict[str, Any]]
     evaluation: Any = None  # pipeline.eval.stage.StageResult when benchmark suites ran
-
-
-def set_env_defaults() -> None:
-    # Ctrl-C goes to pipeline.interrupts (which hands it to Tune's graceful stop), not to Tune's own handler,
-    # after which Tuner.fit returns as if the sweep had ended
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    for key, value in _RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 def outbox_dir(config: ExperimentConfig) -> Path:
@@ -75,12 +52,10 @@ def placed_here(stored: dict[str, Any], given: ExperimentConfig) -> dict[str, An
     A sweep resumed on another cluster (its head lost, F7) must not dial the old head's address, and a
     submitted job's inputs lie in that job's own working dir.
     """
-    from pipeline.jobs import input_paths
-
     placed = json.loads(json.dumps(stored))
     for key in ("address", "num_cpus", "warm_workers"):
         placed["ray"][key] = getattr(given.ray, key)
-    for key, path in input_paths(given).items():
+    for key, path in preflight.input_paths(given).items():
         *parents, last = key.split(".")
         node: Any = placed
         for part in parents:
@@ -91,52 +66,6 @@ def placed_here(stored: dict[str, Any], given: ExperimentConfig) -> dict[str, An
         if isinstance(node, dict):
             node[last] = str(path)
     return placed
-
-
-GCS_PROBE_TIMEOUT_S = 10
-
-
-def probe_cluster(address: str) -> None:
-    """One TCP connect to `ray.address` with a short timeout: `ray.init` retries an absent GCS forever."""
-    import socket
-
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
-    if address == "auto" or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        raise ConfigError([f"ray.address {address}: nothing answers there ({err.strerror or err}); the cluster is gone "
-                           "or not started. Start it, or point RAY_ADDRESS / ray.address at a running one (unset: a "
-                           "local instance)"]) from None
-
-
-def connect_ray(config: ExperimentConfig) -> bool:
-    """Join `ray.address` (RAY_ADDRESS already folded into the config) or start a local instance.
-
-    True when this call started a local instance: its processes inherit this process's
-    environment, so no job runtime env is needed (and the warm pool can match workers).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if config.ray.address:
-        # inside a Ray job, variables its runtime env sets already reach every worker; Ray refuses to set them twice
-        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env", {}).get("env_vars") or {}
-        env_vars = {k: os.environ[k] for k in (*_RAY_ENV_DEFAULTS, outbox.ENV_VAR) if k in os.environ and k not in job_env}
-        probe_cluster(config.ray.address)
-        ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
-        return False
-    # one machine has no spot preemption to watch; the watcher is one more process per trial
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # the dashboard serves the state API, which Ray Train V2 uses to clean up
-    # finished trials' placement groups; without it later trials wait forever
-    system_config = {"preload_python_modules": warmpool.PRELOAD_MODULES} if config.ray.warm_workers else None
-    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             _system_config=system_config)
-    return True
 
 
 def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, resume: bool = False) -> PipelineResult:
@@ -152,7 +81,7 @@ def run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None = None, r
 
 
 def _run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None, resume: bool) -> PipelineResult:
-    set_env_defaults()
+    cluster.set_env_defaults()
     resume_dir, parent_run_id = None, None
     if resume:
         resume_dir = sweep.find_resumable(config)
@@ -173,7 +102,7 @@ def _run_pipeline(config: ExperimentConfig, *, reports_dir: Path | None, resume:
     if config.tracking.tracking_uri.startswith(("http://", "https://")):
         # set before Ray starts: every trial worker inherits it (pipeline.outbox)
         os.environ[outbox.ENV_VAR] = str(outbox_dir(config))
-    started_local = connect_ray(config)
+    started_local = cluster.connect_ray(config)
     interrupts.reclaim()
     resources = sweep.cluster_resources()
     concurrency = sweep.plan_concurrency(trial_configs, resources, config.sweep.max_concurrent_trials)
@@ -298,8 +227,6 @@ def _drain_outbox(config: ExperimentConfig) -> None:
 
 def run_lineage(config: ExperimentConfig, data_summary: preflight.DataSummary) -> dict[str, Any]:
     """Tags and dataset inputs every run of this sweep records (computed once, here in the driver)."""
-    from pipeline.registry import lineage
-
     base = lineage.base_identity(config.model.name_or_path)
     return {"base": base, "tags": lineage.run_tags(base),
             "datasets": lineage.datasets(config, data_summary.train_rows, data_summary.eval_rows)}
@@ -308,9 +235,6 @@ def run_lineage(config: ExperimentConfig, data_summary: preflight.DataSummary) -
 def register_winner(config: ExperimentConfig, mlflow_client: Any, parent_run_id: str, best: sweep.TrialSummary,
                     records: dict[str, Any]) -> Any:
     """Log the winning trial's adapter as an MLflow Model on its run and register it with its lineage."""
-    from pipeline import data
-    from pipeline.registry import lineage, mlflow_model
-
     trial_config = config.trial_config(best.sampled)
     base = records["base"]
     uri = config.tracking.tracking_uri
@@ -329,9 +253,7 @@ def register_winner(config: ExperimentConfig, mlflow_client: Any, parent_run_id:
 def _benchmark_stage(config: ExperimentConfig, sweep_result: sweep.SweepResult, model_name: str, version: str,
                      reports_dir: Path | None) -> Any:
     """The configured benchmark suites on the registered version (and, with eval.all_trials, every trial)."""
-    from pipeline.eval import stage
-
-    names = stage.suite_names(config)
+    names = catalog.suite_names(config)
     if not config.eval.enabled or not names:
         return None
     # the winner's adapter is the registered one: it gets the candidate's scores instead of a second pass
@@ -372,7 +294,7 @@ def _write_report(config: ExperimentConfig, mlflow_client: Any, parent_run_id: s
             "",
             "## Trials",
             "",
-            report.markdown_table(rows),
+            render.markdown_table(rows),
             "",
             *pictures,
         ]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipeline import atomic
 from pipeline.config import is_uri
 
 
@@ -83,8 +84,6 @@ class Storage:
     def write_text(self, path: str, text: str) -> None:
         """Replaces the file whole: temp file, fsync, rename locally; one PUT on an object store."""
         if not self.remote:
-            from pipeline import atomic
-
             atomic.write_text(path, text)
             return
         with self.fs.open_output_stream(path) as f:

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint as ckpt
 from pipeline import adapters, data, interrupts, redact, tracking, warmpool
-from pipeline.storage import Storage
+from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, ExperimentConfig, ParamDomain
+from pipeline.pack import member_name
+from pipeline.pack_train import member_trial_id, train_pack_per_worker
+from pipeline.storage import Storage
+from pipeline.train import train_fn_per_worker
 
 # The trial's own actor only builds a trainer and waits; it gets no CPU so that all
 # CPUs go to train workers. Ray refuses an empty bundle, hence a token of memory.
@@ -179,7 +182,6 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import train_fn_per_worker
 
     experiment = ExperimentConfig.model_validate(setup["experiment"])
     members = json.loads(tune_config[PACK_KEY]) if PACK_KEY in tune_config else None
@@ -216,8 +218,6 @@ def run_trial(tune_config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     train_fn, loop_config, num_to_keep = train_fn_per_worker, {"experiment": config.model_dump(mode="json"), "trial": trial}, 2
     if members:
         # one worker trains the pack's configs on one base (pipeline.pack_train); its CPUs are the plan's
-        from pipeline.pack_train import train_pack_per_worker
-
         resources_per_worker["CPU"] = setup["pack_cpus"]
         asha = experiment.sweep.asha
         train_fn, loop_config = train_pack_per_worker, {
@@ -441,7 +441,6 @@ def _pack_members(trial_config: dict[str, Any]) -> list[tuple[str, dict[str, Any
     """(name, sampled values) of a packed trial's configs; None for a trial of one config."""
     if PACK_KEY not in trial_config:
         return None
-    from pipeline.pack import member_name
 
     return [(member_name(i), sampled) for i, sampled in enumerate(json.loads(trial_config[PACK_KEY]))]
 
@@ -467,8 +466,6 @@ def _restored_callback() -> Any:
 def _make_callback(config: ExperimentConfig, experiment_id: str, parent_run_id: str, store: Storage,
                    train_storage_path: str, lineage: dict[str, Any] | None = None) -> Any:
     from ray.tune import Callback
-
-    from pipeline.pack_train import member_trial_id
 
     metric, mode = config.sweep.metric, config.sweep.mode
 
@@ -823,8 +820,6 @@ def run_sweep(
             trial_id = Path(result.path).name.removeprefix("trial_")
             members = _pack_members(result.config or {})
             if members is not None:
-                from pipeline.pack_train import member_trial_id
-
                 for name, sampled in members:
                     if (member_id := member_trial_id(trial_id, name)) not in callback.trials:
                         callback.trials[member_id] = _summary_from_tracking(

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline import redact
+from pipeline import outbox, redact, tracking_server
 from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.outbox import raw_client
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "loraforge.trial_id"
@@ -25,21 +26,18 @@ RUN_NAME_TAG = "mlflow.runName"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "loraforge.json")
 ADAPTER_ARTIFACT = "adapter"
 CONFIG_ARTIFACT = "config.yaml"  # the resolved config, secrets masked
+ADAPTER_SUBPATH = "artifacts/adapter"  # the PEFT folder inside a registered version's files (an MLflow Model)
 
 
-def raw_client(tracking_uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    # the registry URI is given explicitly: left out, MLflow falls back to a process-global
-    # one that any other code in the process may have set
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+def adapter_dir(downloaded: Path) -> Path:
+    """The PEFT folder in a downloaded version: `artifacts/adapter/` of an MLflow Model, else the folder itself."""
+    inside = downloaded / ADAPTER_SUBPATH
+    return inside if (downloaded / "MLmodel").is_file() and inside.is_dir() else downloaded
 
 
 def client(tracking_uri: str) -> Any:
     """MLflow's client; for an HTTP server with an outbox folder set, one whose writes survive the server
     going away (`pipeline.outbox`)."""
-    from pipeline import outbox
-
     mlflow_client = raw_client(tracking_uri)
     root = os.environ.get(outbox.ENV_VAR)
     if root and tracking_uri.startswith(("http://", "https://")):
@@ -116,8 +114,6 @@ def preflight(tracking_uri: str, experiment_name: str, model_name: str | None = 
     HTTP servers are probed with short requests first (`pipeline.tracking_server`): MLflow's
     own client retries for minutes before it gives up.
     """
-    from pipeline import tracking_server
-
     user = None
     if tracking_uri.startswith(("http://", "https://")):
         tracking_server.check_reachable(tracking_uri)
@@ -195,13 +191,11 @@ def record_lineage(mlflow_client: Any, run_id: str, config: ExperimentConfig, li
     mlflow_client.log_text(run_id, yaml.safe_dump(redact.redact(config.model_dump(mode="json")), sort_keys=False),
                            CONFIG_ARTIFACT)
     if lineage:
-        from pipeline.registry import lineage as lineage_records
-
         set_tags(mlflow_client, run_id, lineage["tags"])
         if hasattr(mlflow_client, "log_datasets"):  # an outbox client: queued with the run's other writes
             mlflow_client.log_datasets(run_id, lineage["datasets"])
         else:
-            lineage_records.log_datasets(mlflow_client, run_id, lineage["datasets"])
+            outbox.log_datasets(mlflow_client, run_id, lineage["datasets"])
 
 
 def start_parent_run(mlflow_client: Any, experiment_id: str, config: ExperimentConfig, trial_count: int,
@@ -350,13 +344,11 @@ def download_version(tracking_uri: str, model_name: str, version: str, dst_dir: 
     """Fetch one registered model version into `dst_dir`; returns its PEFT folder."""
     import mlflow.artifacts
 
-    from pipeline.registry import mlflow_model
-
     source = client(tracking_uri).get_model_version_download_uri(model_name, version)
     dst_dir.mkdir(parents=True, exist_ok=True)
     downloaded = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=tracking_uri)
     # an MLflow Model (MLmodel + artifacts/adapter/) or, registered before that, the bare PEFT folder
-    return mlflow_model.adapter_dir(Path(downloaded))
+    return adapter_dir(Path(downloaded))
 
 
 def fetch_adapter(ref: str, tracking_uri: str, dst_dir: Path) -> Path:

@@ -7,10 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
-from pipeline import report as sweep_report
-from pipeline import tracking
+from pipeline import atomic, redact, render, tracking
 from pipeline.config import ExperimentConfig
+from pipeline.eval.judge import fastchat
 
 ROLES = ("base", "candidate", "champion")
 
@@ -96,16 +95,9 @@ def judge_line(judge: dict[str, Any]) -> str:
             f"judging took {judge['judge_seconds']:.1f} s")
 
 
-def _save(plt: Any, fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def metrics_png(suite_name: str, per_model: dict[str, dict[str, float]], path: Path) -> Path:
     """Grouped bars: one group per metric, one bar per model."""
-    plt = sweep_report._plt()
+    plt = render.pyplot()
     metrics = [m for m in dict.fromkeys(k for v in per_model.values() for k in v) if m not in ("tokens", "examples")]
     roles = roles_of(per_model)
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 * len(metrics) + 1, 3.2), squeeze=False)
@@ -115,7 +107,7 @@ def metrics_png(suite_name: str, per_model: dict[str, dict[str, float]], path: P
         ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=8)
     fig.suptitle(f"{suite_name}: metrics per model", fontsize=10)
-    return _save(plt, fig, path)
+    return render.save(plt, fig, path)
 
 
 def scores_png(suite_name: str, items: list[dict[str, Any]], path: Path) -> Path | None:
@@ -125,7 +117,7 @@ def scores_png(suite_name: str, items: list[dict[str, Any]], path: Path) -> Path
     by_role = {r: s for r, s in by_role.items() if s}
     if not by_role:
         return None
-    plt = sweep_report._plt()
+    plt = render.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for role, scores in by_role.items():
         ax.hist(scores, bins=20, alpha=0.5, label=f"{role} (n={len(scores)})")
@@ -133,7 +125,7 @@ def scores_png(suite_name: str, items: list[dict[str, Any]], path: Path) -> Path
     ax.set_ylabel("items")
     ax.set_title(f"{suite_name}: per-item scores", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return render.save(plt, fig, path)
 
 
 def categories_png(items: list[dict[str, Any]], path: Path) -> Path | None:
@@ -143,7 +135,7 @@ def categories_png(items: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     categories = sorted({it["category"] for it in scored})
     roles = roles_of(dict.fromkeys(it["model"] for it in scored))
-    plt = sweep_report._plt()
+    plt = render.pyplot()
     fig, ax = plt.subplots(figsize=(1.1 * len(categories) * max(1, len(roles)) / 2 + 3, 3.4))
     width = 0.8 / len(roles)
     for i, role in enumerate(roles):
@@ -157,7 +149,7 @@ def categories_png(items: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("mean score (scored items)")
     ax.set_title("judge_single: mean score per category", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return render.save(plt, fig, path)
 
 
 def verdicts_png(items: list[dict[str, Any]], path: Path) -> Path | None:
@@ -167,7 +159,7 @@ def verdicts_png(items: list[dict[str, Any]], path: Path) -> Path | None:
     counts = {"win": 0, "tie": 0, "loss": 0, "unparseable": 0, "failed": 0}
     for it in items:
         counts[it.get("verdict") or it["status"]] += 1
-    plt = sweep_report._plt()
+    plt = render.pyplot()
     fig, ax = plt.subplots(figsize=(6, 1.9))
     left = 0
     colors = {"win": "#2ca02c", "tie": "#bbbbbb", "loss": "#d62728", "unparseable": "#ff7f0e", "failed": "#000000"}
@@ -179,7 +171,7 @@ def verdicts_png(items: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_xlabel("question-turn pairs (both orders judged)")
     ax.set_title(f"judge_pairwise: candidate vs {items[0]['opponent']}", fontsize=10)
     ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.45))
-    return _save(plt, fig, path)
+    return render.save(plt, fig, path)
 
 
 def markdown(results: dict[str, Any], pictures: list[str]) -> str:
@@ -189,12 +181,12 @@ def markdown(results: dict[str, Any], pictures: list[str]) -> str:
         lines += [f"Model version {results['model_version']}.", ""]
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        lines += [sweep_report.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in rows]), ""]
+        lines += [render.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in rows]), ""]
     trials = trial_rows(results)
     if trials:
         keys = list(dict.fromkeys(k for r in trials for k in r))
         lines += ["## Every trial's adapter (the one its MLflow run logged)", "",
-                  sweep_report.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in trials]), ""]
+                  render.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in trials]), ""]
     if "judge" in results:
         lines += ["## The judge", "", judge_line(results["judge"]) + ".", "",
                   "Means are over scored items only; `unparseable` (no valid rating after the re-asks) and `failed` "
@@ -227,8 +219,6 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
 def log_results(config: ExperimentConfig, results: dict[str, Any], reports_dir: Path | None) -> str:
     """An MLflow evaluation run with the metrics, per-item tables and the report; tags on the model version."""
     from mlflow.entities import Metric
-
-    from pipeline import redact
 
     results = redact.redact(results)  # the judge's URL and any error text may carry credentials
     uri = config.tracking.tracking_uri
@@ -269,8 +259,6 @@ def log_results(config: ExperimentConfig, results: dict[str, Any], reports_dir: 
                     if item["suite"] == suite_name:
                         f.write(json.dumps(item, default=str) + "\n")
         if "judge" in results:
-            from pipeline.eval.judge import fastchat
-
             answers = {role: {int(q): turns for q, turns in by_q.items()} for role, by_q in results["answers"].items()}
             judged = [it for it in results["items"] if it["suite"].startswith("judge_")]
             fastchat.write(out / "fastchat", results["judge"]["name"], answers, judged)

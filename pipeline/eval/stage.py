@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking
-from pipeline.config import JUDGE_SUITES, SUITES_FOR_KIND, ConfigError, ExperimentConfig
-from pipeline.eval import suite as suites
+from pipeline import adapters, atomic, cluster, data, redact, strategies, tracking
+from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
+from pipeline.eval import catalog, report
+from pipeline.eval.catalog import suite_names
+from pipeline.eval.judge import stage as judge_stage
 
 log = logging.getLogger("loraforge")
 
@@ -47,24 +49,8 @@ class StageResult:
     run_id: str | None = None
 
 
-def suite_names(config: ExperimentConfig, requested: list[str] | None = None) -> list[str]:
-    """The suites to run: `requested` (--suite), else `eval.suites`, else the default for data.kind."""
-    default, allowed = SUITES_FOR_KIND[config.data.kind]
-    names = list(requested) if requested else (config.eval.suites if config.eval.suites is not None else list(default))
-    unknown = [n for n in names if n not in suites.NAMES]
-    if unknown:
-        raise ConfigError([f"--suite: unknown suite {n!r}; use one of {', '.join(suites.NAMES)}" for n in unknown])
-    wrong = [n for n in names if n not in allowed]
-    if wrong:
-        raise ConfigError([f"eval.suites: {n} cannot score data.kind {config.data.kind} (it takes "
-                           f"{', '.join(allowed)})" for n in wrong])
-    return names
-
-
 def check(config: ExperimentConfig, names: list[str]) -> None:
     """Every problem the suites can see before any model runs, at once."""
-    from pipeline import data
-
     problems: list[str] = []
     try:
         data.load_split(config.data, "eval", config.train.seed)
@@ -72,7 +58,7 @@ def check(config: ExperimentConfig, names: list[str]) -> None:
         problems += err.problems
     for name in names:
         if name not in JUDGE_SUITES:
-            problems += suites.get(name).check(config)
+            problems += catalog.get(name).check(config)
     if problems:
         raise ConfigError(problems)
 
@@ -116,8 +102,6 @@ def models_to_score(config: ExperimentConfig, model_ref: str | None, trials: lis
 
 def load_model(config: ExperimentConfig, ref: str | None, workdir: Path) -> tuple[Any, Any]:
     """(model, tokenizer): the base as the trials trained against it, with the adapter `ref` on top if given."""
-    from pipeline import adapters, strategies
-
     import torch
 
     tokenizer = adapters.load_tokenizer(config.model, config.data)
@@ -144,7 +128,7 @@ def run_shard(config_dict: dict[str, Any], suite_name: str, ref: str | None, ite
         model, tokenizer = load_model(config, ref, Path(tmp))
         load_s = time.perf_counter() - began
         with tqdm(total=len(items), desc=f"{suite_name} {label}", mininterval=10, leave=False) as progress:
-            out = suites.get(suite_name).outputs(config, model, tokenizer, items, progress)
+            out = catalog.get(suite_name).outputs(config, model, tokenizer, items, progress)
     out["load_seconds"] = load_s
     out["seconds"] = time.perf_counter() - began
     return out
@@ -161,7 +145,7 @@ def _gather(config: ExperimentConfig, suite_name: str, models: list[EvalModel], 
     import ray
     from tqdm import tqdm
 
-    suite = suites.get(suite_name)
+    suite = catalog.get(suite_name)
     shards = _shards(items, config.eval.shards if suite.shardable else 1)
     config_dict = config.model_dump(mode="json")
     outputs: dict[str, dict[str, Any]] = {m.role: {"items": [], "gen_tokens": 0, "gen_seconds": 0.0, "seconds": 0.0}
@@ -193,9 +177,7 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
               json_out: Path | None = None, reports_dir: Path | None = None,
               trials: list[EvalModel] | None = None, names: list[str] | None = None) -> StageResult:
     """Score the candidate (`model_ref`, default the config's registered alias), the base and the champion."""
-    from pipeline.eval import report
 
-    from pipeline.eval.judge import stage as judge_stage
 
     names = names or suite_names(config, suite_list)
     check(config, names)
@@ -208,7 +190,6 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
         raise ConfigError(problems)
     log.info("evaluating %s (version %s) against %s with %s", candidate.ref, candidate.version,
              ", ".join(m.role for m in models[1:]), ", ".join(names))
-    from pipeline.run import connect_ray
 
     results: dict[str, Any] = {"model_ref": candidate.ref, "model_version": candidate.version,
                                "models": {m.role: {"ref": m.ref, "version": m.version} for m in models},
@@ -216,7 +197,7 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
     with ExitStack() as stack:
         # the judge first: an unreachable one exits 2 before any generation
         judge = stack.enter_context(judge_stage.session(config)) if judge_names else None
-        connect_ray(config)
+        cluster.connect_ray(config)
         for name in names:
             if name not in judge_names:
                 _run_suite(config, name, models, results)
@@ -251,11 +232,11 @@ def _run_suite(config: ExperimentConfig, name: str, models: list[EvalModel], res
     """One benchmark suite over every model, into `results`; a failure is recorded, not raised."""
     began = time.perf_counter()
     try:
-        items = suites.get(name).items(config)
+        items = catalog.get(name).items(config)
         outputs = _gather(config, name, models, items)
         per_model: dict[str, dict[str, float]] = {}
         for model in models:
-            metrics, scored = suites.get(name).score(config, outputs[model.role])
+            metrics, scored = catalog.get(name).score(config, outputs[model.role])
             per_model[model.role] = metrics
             results["items"] += [{"suite": name, "model": model.role, **item} for item in scored]
             if name == "lm_eval":
@@ -300,8 +281,6 @@ def validate(results: dict[str, Any]) -> None:
 
 def write_json(results: dict[str, Any], path: Path) -> Path:
     """`--json`: validated, secrets masked (the judge's URL, error texts), replaced whole."""
-    from pipeline import atomic, redact
-
     validate(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, json.dumps(redact.redact(results), indent=1, default=str))

@@ -1,4 +1,5 @@
-"""What every benchmark suite provides, and the registry of suites by name.
+"""What every benchmark suite provides (the protocol) and the helpers suites share; the suites by name are in
+`pipeline.eval.catalog`.
 
 A suite is split where the work is done. `items` (driver) lists what is scored;
 `outputs` (a Ray task holding the model) runs the model over one shard of items;
@@ -11,9 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator, Protocol, Sequence
 
-from pipeline.config import SUITES, ExperimentConfig
-
-NAMES = SUITES
+from pipeline import data
+from pipeline.config import ExperimentConfig
+from pipeline.eval.generation import model_device
 
 
 class Suite(Protocol):
@@ -33,9 +34,6 @@ class Suite(Protocol):
 def sorted_batches(model: Any, examples: Sequence[Any], batch_size: int, pad_token_id: int
                    ) -> Iterator[tuple[list[int], dict[str, Any]]]:
     """(indices into `examples`, padded batch on the model's device), shortest examples first so a batch pads little."""
-    from pipeline import data
-    from pipeline.eval.generation import model_device
-
     model.eval()
     device = model_device(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -49,9 +47,3 @@ def metric_name(raw: str) -> str:
     """A lowercase MLflow-safe identifier: `ROUGE_L` -> `rouge_l`, `exact_match` stays."""
     return re.sub(r"[^a-z0-9_]+", "_", raw.lower()).strip("_")
 
-
-def get(name: str) -> Suite:
-    from pipeline.eval import classification, e2e_nlg, harness, mt_bench, perplexity
-
-    suites = {s.name: s for s in (classification.SUITE, perplexity.SUITE, e2e_nlg.SUITE, harness.SUITE, mt_bench.SUITE)}
-    return suites[name]

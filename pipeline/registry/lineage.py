@@ -15,7 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PKG_PREFIX, ExperimentConfig, ModelSpec
+from pipeline import gguf
+from pipeline.config import PKG_PREFIX, ExperimentConfig, ModelSpec, _package_path
 
 LIBRARIES = ("torch", "transformers", "peft", "ray", "deepspeed", "bitsandbytes", "mlflow")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -23,8 +24,6 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 
 
 def _file_sha256(path: Path) -> str:
-    from pipeline import gguf
-
     return gguf.file_sha256(path)  # cached per (path, size, mtime)
 
 
@@ -41,8 +40,6 @@ def weights_sha256(path: Path) -> str:
 
 def _source_path(model: ModelSpec) -> Path:
     """The file or folder the user named (a shipped GGUF file, not its converted cache)."""
-    from pipeline.config import _package_path
-
     name = model.name_or_path
     return Path(_package_path(name[len(PKG_PREFIX):]) if name.startswith(PKG_PREFIX) else name).expanduser()
 
@@ -107,19 +104,6 @@ def dataset_record(path: Path, rows: int, context: str) -> dict[str, Any]:
 def datasets(config: ExperimentConfig, train_rows: int, eval_rows: int) -> list[dict[str, Any]]:
     return [dataset_record(Path(config.data.train_path), train_rows, "training"),
             dataset_record(Path(config.data.eval_path), eval_rows, "evaluation")]
-
-
-def log_datasets(mlflow_client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
-    """The datasets as the run's MLflow inputs (shown in the UI's Datasets panel), context as MLflow's tag."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    inputs = [DatasetInput(
-        Dataset(name=r["name"], digest=r["sha256"][:32], source_type="local",
-                source=json.dumps({"uri": Path(r["source"]).as_uri()}),
-                profile=json.dumps({"num_rows": r["rows"]})),
-        tags=[InputTag(MLFLOW_DATASET_CONTEXT, r["context"])]) for r in records]
-    mlflow_client.log_inputs(run_id, datasets=inputs)
 
 
 def base_tags(base: dict[str, str], without: tuple[str, ...] = ()) -> dict[str, str]:

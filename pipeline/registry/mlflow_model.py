@@ -21,20 +21,14 @@ from typing import Any
 import yaml
 
 from pipeline import redact, tracking
+from pipeline.tracking import ADAPTER_SUBPATH
 from pipeline.tracking_server import MODEL_DESCRIPTION
 from pipeline.config import ClassificationData, ExperimentConfig, InstructionData
 
 MODEL_NAME = "model"
-ADAPTER_SUBPATH = "artifacts/adapter"  # the PEFT folder inside a registered version's files
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("mlflow", "torch", "transformers", "peft", "safetensors", "accelerate", "pydantic", "pyyaml", "pandas",
                 "bitsandbytes")
-
-
-def adapter_dir(downloaded: Path) -> Path:
-    """The PEFT folder in a downloaded version: `artifacts/adapter/` of an MLflow Model, else the folder itself."""
-    inside = downloaded / ADAPTER_SUBPATH
-    return inside if (downloaded / "MLmodel").is_file() and inside.is_dir() else downloaded
 
 
 def input_columns(config: ExperimentConfig) -> list[tuple[str, bool]]:

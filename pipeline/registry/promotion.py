@@ -24,6 +24,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import ConfigError, ExperimentConfig, GateCondition
+from pipeline.eval import stage
 
 log = logging.getLogger("loraforge")
 
@@ -143,8 +144,6 @@ def cached_results(mlflow_client: Any, candidate: Any, champion: Any, suites: se
 
 def evaluate(config: ExperimentConfig, candidate: Any, champion: Any, suites: list[str]) -> dict[str, Any]:
     """Results with the candidate and champion scored on `suites`: reused from the cache, else a new stage run."""
-    from pipeline.eval import stage
-
     mlflow_client = tracking.client(config.tracking.tracking_uri)
     cached = cached_results(mlflow_client, candidate, champion, set(suites))
     if cached is not None:

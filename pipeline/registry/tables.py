@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline import tracking
+from pipeline import redact, tracking
 
 
 
@@ -88,6 +88,4 @@ def print_rows(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def title(what: str, tracking_uri: str) -> str:
-    from pipeline import redact
-
     return f"{what} in {redact.redact_text(tracking_uri)}"

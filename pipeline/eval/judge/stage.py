@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
+from pipeline.eval import mt_bench
 from pipeline.eval.judge import grading, inputs
 from pipeline.eval.judge.cache import ReplyCache
 from pipeline.eval.judge.client import JudgeClient, JudgeUnavailable, api_key
@@ -103,8 +104,6 @@ def run(config: ExperimentConfig, names: list[str], judge: Session, roles: list[
         gather: Callable[[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Every model's answers, then each mode's items and metrics, the failed modes and the judge's usage."""
     from tqdm import tqdm
-
-    from pipeline.eval import mt_bench
 
     spec = config.judge
     questions = inputs.load_questions(spec)
