@@ -127,9 +127,9 @@ class ClassificationData(_DataCommon):
     """Sequence classification (SST-2 style): text -> label id."""
 
     kind: Literal["classification"]
-    text_field: str = "text"
+    text_field: str = Field("text", description="Column with the input text.")
     text_pair_field: str | None = Field(None, description="Second text column for sentence-pair tasks.")
-    label_field: str = "label"
+    label_field: str = Field("label", description="Column with the integer label.")
     num_labels: int = Field(ge=2, description="Number of classes; labels must be ints in [0, num_labels).")
 
 
@@ -145,9 +145,9 @@ class InstructionData(_DataCommon):
     """Instruction tuning (Alpaca style) for a causal LM; loss only on the response."""
 
     kind: Literal["instruction"]
-    instruction_field: str = "instruction"
-    input_field: str | None = "input"
-    response_field: str = "output"
+    instruction_field: str = Field("instruction", description="Column with the instruction.")
+    input_field: str | None = Field("input", description="Column with the optional input; none: there is none.")
+    response_field: str = Field("output", description="Column with the response (the only tokens with loss).")
     prompt_template: str | None = Field(None, description=(
         "Prompt with `{instruction}` and `{input}`; default: the tokenizer's chat template when it has one, "
         "else the Alpaca prompt."))
@@ -164,8 +164,8 @@ class DataToTextData(_DataCommon):
     """Data-to-text (E2E NLG style) for a causal LM: meaning representation -> text."""
 
     kind: Literal["data_to_text"]
-    source_field: str = "mr"
-    target_field: str = "ref"
+    source_field: str = Field("mr", description="Column with the meaning representation.")
+    target_field: str = Field("ref", description="Column with the reference text (the only tokens with loss).")
     prompt_template: str | None = Field(None, description=(
         "Prompt with `{source}`; default: the tokenizer's chat template when it has one, else "
         "`{source}\n### Text:\n`."))
@@ -346,9 +346,10 @@ class TrainSpec(StrictModel):
     epochs: int = Field(1, gt=0, description="Passes over the (subsampled) training set.")
     batch_size: int = Field(32, gt=0, description="Examples per step per worker.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay on the trained weights (not on biases and norms).")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps with linear warmup.")
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate schedule after warm-up (transformers' get_scheduler).")
     optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = Field(
         "adamw", description="paged_*: bitsandbytes paged AdamW (QLoRA); ZeRO-3 offload always uses DeepSpeedCPUAdam."
     )
@@ -358,10 +359,10 @@ class TrainSpec(StrictModel):
     length_bucketing: bool = Field(
         True, description="Batch examples of similar length together (~2x faster on CPU than random padding)."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seeds torch, data subsets and shuffling; a sweep over it repeats a config.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers per trial.")
-    cpus_per_worker: int = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs each Train worker holds (and torch's thread count).")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs each Train worker holds; 0 trains on CPU.")
     max_failures: int = Field(
         0, ge=0, description="Worker-group restarts per trial; each resumes from the trial's last valid checkpoint."
     )
@@ -435,7 +436,8 @@ class PbtSpec(StrictModel):
 
 
 class SweepSpec(StrictModel):
-    searcher: Literal["grid", "random", "optuna"] = "grid"
+    searcher: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="How configs are chosen: every grid point, seeded random draws, or Optuna's TPE.")
     scheduler: Literal["asha", "median", "fifo", "pbt"] = Field(
         "asha", description="asha: successive halving; median: stop trials below the median of others at the same "
         "evaluation; fifo: run every trial to the end; pbt: population based training of train.lr (the worst "
@@ -443,7 +445,7 @@ class SweepSpec(StrictModel):
     )
     median_min_samples: int = Field(2, gt=0, description="median: trials needed at an evaluation before any is stopped.")
     metric: str = Field("eval_accuracy", description="Reported metric the sweep optimizes.")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher or a lower sweep.metric is better.")
     num_samples: int = Field(1, gt=0, description="Samples per grid point (grid/random) or trials (optuna).")
     grid_order: Literal["listed", "shuffled"] = Field(
         "listed", description="grid: run the grid points in Tune's order (the first parameter varies fastest) "
@@ -529,7 +531,7 @@ def _no_traversal(value: str, field: str) -> str:
 
 class TrackingSpec(StrictModel):
     tracking_uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides.")
-    experiment_name: str = "loraforge"
+    experiment_name: str = Field("loraforge", description="MLflow experiment the sweep's runs go into.")
     registered_model_name: str = Field("loraforge-adapter", pattern=SAFE_NAME,
                                        description="Model Registry name for the winner (letters, digits, _ . -).")
     alias: str = Field("candidate", pattern=r"^[A-Za-z0-9_-]+$", description="Alias the winner's version gets.")
@@ -643,7 +645,7 @@ class LmEvalSuiteSpec(StrictModel):
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt (default: each task's own).")
     limit: int | None = Field(None, gt=0, description="Items per task at most (default: all).")
     apply_chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template.")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="Requests the harness batches together.")
     seed: int = Field(0, description="The harness's random, numpy, torch and few-shot seeds.")
     generation: GenerationSpec | None = Field(None, description="Decoding for generation tasks' max_new_tokens "
                                               "(default: each task's own settings).")
@@ -661,7 +663,7 @@ class MtBenchSuiteSpec(StrictModel):
 
 class EvalSpec(StrictModel):
     enabled: bool = Field(True, description="Evaluate the registered winner, loaded back from the registry.")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="Examples per forward in the classification and perplexity suites.")
     suites: list[SuiteName] | None = Field(None, description=(
         "Benchmark suites the stage runs after the sweep (default by data.kind: classification; perplexity for "
         "instruction data; perplexity and e2e_nlg for data-to-text)."))
@@ -717,7 +719,7 @@ class JudgeSpec(StrictModel):
     max_retries: int = Field(6, ge=0, description="Retries of a request that got no reply (429, 5xx, timeout, "
                              "connection error, malformed body), with exponential backoff and jitter.")
     backoff_s: float = Field(1.0, gt=0, description="First backoff; doubles each retry (Retry-After wins when sent).")
-    backoff_max_s: float = Field(60.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest wait between two retries of one judge request.")
     reasks: int = Field(2, ge=0, description="Times an answer without a valid rating is re-asked.")
     abort_after_failures: int = Field(20, gt=0, description=(
         "Requests failing one after another (retries exhausted) before the judge counts as down: the rest end "

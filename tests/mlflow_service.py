@@ -1,6 +1,6 @@
 """PostgreSQL and an MLflow tracking server with the basic-auth app, on loopback ports, for the tests.
 
-The same steps as the README's recipe: `initdb` a temporary cluster (as the `postgres` user when
+The same steps as the recipe in docs/tracking.md: `initdb` a temporary cluster (as the `postgres` user when
 running as root, which initdb refuses), start it on a free port, create the tracking and auth
 databases, then `mlflow server --app-name basic-auth` with artifacts served through the server.
 """

@@ -1,5 +1,5 @@
 """What a `loraforge run` process tree listens on: its own servers on loopback only, and every port
-Ray itself opens to the network one of the documented few (README, "Ports and exposure").
+Ray itself opens to the network one of the documented few (docs/cluster.md, "Ports and exposure").
 
 `ListenerWatch` samples the listening sockets of a process and its children in a thread while the
 run goes on; `assert_loopback_only` judges what it saw."""
@@ -12,7 +12,7 @@ import threading
 import psutil
 
 # Ray 2.60 binds these to every interface (or to the node's address) and has no option for loopback;
-# the README lists them with the firewall rule. Anything else off loopback fails the test.
+# docs/cluster.md lists them with the firewall rule. Anything else off loopback fails the test.
 RAY_NETWORK_LISTENERS = {
     "gcs_server": "GCS (ray.init: a random port; ray start: --port, 6379)",
     "raylet": "raylet node manager and object manager",

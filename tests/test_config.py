@@ -266,3 +266,17 @@ def test_shuffled_grid_runs_every_point_once_in_a_seeded_order_under_the_concurr
     listed = [(t, lr) for lr in (1e-4, 1e-3, 1e-2) for t in ("attention_qv", "attention_all")] * 2
     assert sorted(first) == sorted(listed) and first != listed
     assert order(0) == first and order(1) != first
+
+
+def test_the_config_reference_is_generated_from_the_models_and_up_to_date():
+    """docs/config.md is `python -m pipeline.config_reference`'s output: a field added or described anew without
+    regenerating it fails here. Every leaf key has a meaning."""
+    from pipeline import config_reference
+
+    text = config_reference.render()
+    assert config_reference.DOC.read_text() == text, "docs/config.md is stale: run python -m pipeline.config_reference"
+    table_rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(table_rows) > 100
+    assert not [row for row in table_rows if row.rstrip().endswith("|  |")], "a key without a description"
+    for key in ("`lora.alpha`", "`sweep.pack_size`", "`judge.api_key_env`", "`strategy.load_in_4bit.quant_type`"):
+        assert any(row.startswith(f"| {key}") for row in table_rows), key
