@@ -2,7 +2,7 @@
 
 The judged model is SmolLM2-135M-Instruct (its wheel's GGUF) with a random LoRA adapter (B drawn, not zero), answering
 MT-Bench questions in 8 tokens (the answers are not what is measured). The judge is the tests'
-OpenAI-protocol server (`tests/openai_fake.py`) with `--latency` seconds added to every request.
+OpenAI-protocol server (`tests/support/openai_fake.py`) with `--latency` seconds added to every request.
 `judge_single` over `--questions` questions x 2 turns x 2 models (candidate, base): 100 items by
 default. Three `loraforge eval` runs, each its own process:
 
@@ -29,7 +29,7 @@ from _common import REPO, dump
 
 import yaml
 
-from tests.openai_fake import FakeJudge, serve
+from tests.support.openai_fake import FakeJudge, serve
 
 
 def main() -> None:

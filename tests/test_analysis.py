@@ -12,7 +12,7 @@ import torch
 
 from pipeline import analysis, tracking
 from pipeline.config import load_config
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.support.configs import REPO, minilm_config, write_yaml
 from tests.test_export import train_adapter
 
 

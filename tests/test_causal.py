@@ -12,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.evaluate import score_adapter_dir
 from pipeline.run import run_pipeline
 from pipeline.train import evaluate
-from tests.conftest import head_jsonl, write_yaml
+from tests.support.configs import head_jsonl, write_yaml
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ def best_complete_checkpoint(run_dir: Path, metric: str, mode: str):
     found = _best(Storage.of(run_dir), str(run_dir), metric, mode)
     return (Path(found[0]), found[1]) if found else None
 from pipeline.train import _write_checkpoint
-from tests.conftest import minilm_config, write_yaml
+from tests.support.configs import minilm_config, write_yaml
 
 
 @pytest.fixture(scope="module")

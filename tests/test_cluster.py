@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from tests.conftest import REPO
-from tests.ray_cluster import BIN, LocalCluster
+from tests.support.configs import REPO
+from tests.support.ray_cluster import BIN, LocalCluster
 
 pytestmark = pytest.mark.slow
 

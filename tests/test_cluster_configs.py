@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline import datafiles, redact
-from tests.conftest import REPO
+from tests.support.configs import REPO
 
 KUBERAY = REPO / "cluster" / "kuberay"
 

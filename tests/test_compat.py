@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.support.configs import REPO
 
 # what registered versions' python_model.py imports (pipeline/registry/pyfunc_model.py, every version so far)
 REGISTERED_MODEL_NAMES = {

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config, parse_overrides
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.support.configs import REPO, minilm_config, write_yaml
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ from pipeline import datafiles, download
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.preflight import check_data_files
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.support.configs import REPO, minilm_config, write_yaml
 
 MANIFEST = datafiles.load_manifest()
 

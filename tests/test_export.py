@@ -11,7 +11,7 @@ import torch
 from pipeline import adapters, export, strategies
 from pipeline.config import load_config
 from pipeline.strategies import Worker, strategy_for
-from tests.conftest import minilm_config, write_yaml
+from tests.support.configs import minilm_config, write_yaml
 
 
 def train_adapter(config, out: Path, steps: int = 6) -> Path:

@@ -26,7 +26,7 @@ from pipeline import tracking
 from pipeline.config import load_config
 from pipeline.run import run_pipeline
 from pipeline.sweep import SweepError
-from tests.conftest import minilm_config, write_yaml
+from tests.support.configs import minilm_config, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 def start_ray():
     import ray
 
-    from tests.ray_cluster import start_local_ray
+    from tests.support.ray_cluster import start_local_ray
 
     yield lambda **env: start_local_ray(hooks=True, **env)
     ray.shutdown()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from tests.conftest import minilm_config, write_yaml
-from tests.ray_cluster import stop_every_ray
+from tests.support.configs import minilm_config, write_yaml
+from tests.support.ray_cluster import stop_every_ray
 from tests.support.driver import loraforge_run as cli, trial_runs
 
 pytestmark = pytest.mark.slow

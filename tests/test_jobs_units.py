@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import jobs
 from pipeline.config import ConfigError
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.support.configs import REPO, minilm_config, write_yaml
 
 
 @pytest.fixture()

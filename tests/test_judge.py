@@ -17,7 +17,7 @@ from pipeline.datafiles import data_root
 from pipeline.eval.judge import grading, inputs, prompts
 from pipeline.eval.judge.cache import ReplyCache
 from pipeline.eval.judge.client import JudgeClient
-from tests.openai_fake import FakeJudge, serve
+from tests.support.openai_fake import FakeJudge, serve
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -238,7 +238,7 @@ def test_a_remote_judge_is_known_by_its_endpoint_so_another_server_replays_nothi
     """Two servers that serve the same model name are two judges: the cache keys on the endpoint too."""
     from pipeline.eval.judge import stage as judge_stage
     from pipeline.eval.judge.server import remote_judge_id
-    from tests.conftest import write_yaml
+    from tests.support.configs import write_yaml
 
     assert remote_judge_id("https://me:pw@Judge.Example:443/v1/?x=1", "m") == "m@https://judge.example:443/v1"
     assert remote_judge_id("http://127.0.0.1:8000/v1", "m") == remote_judge_id("http://127.0.0.1:8000/v1/", "m")
@@ -265,7 +265,7 @@ def test_a_remote_judge_is_known_by_its_endpoint_so_another_server_replays_nothi
 def test_answer_temperatures_follow_fastchat_unless_set(tmp_path: Path, tiny_causal_model: Path):
     from pipeline.eval import mt_bench
     from tests.test_eval_stage import e2e_config
-    from tests.conftest import write_yaml
+    from tests.support.configs import write_yaml
 
     raw = e2e_config(tmp_path, str(tiny_causal_model))
     raw["eval"]["generation"] = {"max_new_tokens": 8}
@@ -284,7 +284,7 @@ SECRET = "sk-loraforge-test-3f9c1e7a2b"
 
 
 def instruct_config(tmp: Path, model: str, judge: dict, suites: list[str]) -> dict:
-    from tests.conftest import head_jsonl
+    from tests.support.configs import head_jsonl
 
     return {
         "name": "judge-test",
@@ -311,7 +311,7 @@ def test_loraforge_eval_judges_every_mode_and_the_key_reaches_nothing(tmp_path: 
     from pipeline import tracking
     from pipeline.cli import app
     from pipeline.eval import stage
-    from tests.conftest import write_yaml
+    from tests.support.configs import write_yaml
     from tests.test_eval_stage import save_adapter
 
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET + "\n")  # read from a file, newline and all: sent and masked without it
@@ -396,7 +396,7 @@ def test_a_judge_outage_fails_loraforge_eval_with_exit_1_and_keeps_every_item(tm
     from pipeline import tracking
     from pipeline.cli import app
     from pipeline.eval import stage
-    from tests.conftest import write_yaml
+    from tests.support.configs import write_yaml
     from tests.test_eval_stage import save_adapter
 
     monkeypatch.chdir(tmp_path)
@@ -446,7 +446,7 @@ def test_bad_judge_input_exits_2_before_any_generation(case, judge, args, expect
 
     from pipeline.cli import app
     from pipeline.eval import stage
-    from tests.conftest import write_yaml
+    from tests.support.configs import write_yaml
 
     def no_generation(*a, **k):
         raise AssertionError("generation started")
@@ -477,7 +477,7 @@ def test_the_offline_default_judge_is_transformers_serve_on_loopback(tmp_path: P
     import socket
 
     from pipeline.eval.judge import stage as judge_stage
-    from tests.conftest import write_yaml
+    from tests.support.configs import write_yaml
 
     # timeout_s 60: the first request to a fresh server on a loaded 2-core machine took over the helper's 5 s
     raw = instruct_config(tmp_path, str(tiny_causal_model), {"max_tokens": 24, "question_ids": [81], "turns": 1,
@@ -500,7 +500,7 @@ def test_the_offline_default_judge_is_transformers_serve_on_loopback(tmp_path: P
 
 def test_run_probes_a_remote_judge_before_training(tmp_path: Path, tiny_causal_model: Path, monkeypatch):
     from pipeline import preflight
-    from tests.conftest import write_yaml
+    from tests.support.configs import write_yaml
 
     raw = instruct_config(tmp_path, str(tiny_causal_model), {"base_url": "http://127.0.0.1:9/v1", "model": "m",
                                                              "api_key_env": "LORAFORGE_UNSET_KEY_VAR"},

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from pipeline import outbox, tracking
 from pipeline.cli import app
 from pipeline.config import load_config
-from tests.conftest import minilm_config, write_yaml
-from tests.mlflow_service import MlflowServer, env, free_port
+from tests.support.configs import minilm_config, write_yaml
+from tests.support.mlflow_service import MlflowServer, env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +159,7 @@ def test_a_sweep_killed_mid_trial_resumes_from_the_bucket(tmp_path: Path, sst2_s
     import signal
     import time
 
-    from tests.ray_cluster import stop_every_ray
+    from tests.support.ray_cluster import stop_every_ray
     from tests.support.driver import loraforge_run, trial_runs
 
     raw = minilm_config(tmp_path, sst2_small, train={"epochs": 1, "eval_every_steps": 2})

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import oplocks
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.support.configs import REPO, minilm_config, write_yaml
 
 HOLD = "import sys, time; f = open(sys.argv[1], 'w'); print('held', flush=True); time.sleep(600)"
 

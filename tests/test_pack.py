@@ -29,8 +29,8 @@ import torch
 from pipeline import adapters, data, pack, planner, sweep, tracking
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.strategies import PlainLora, Worker
-from tests.conftest import REPO, head_jsonl, minilm_config, write_yaml
-from tests.ray_cluster import stop_every_ray
+from tests.support.configs import REPO, head_jsonl, minilm_config, write_yaml
+from tests.support.ray_cluster import stop_every_ray
 from tests.support.driver import loraforge_run
 
 SEED, STEPS, BATCH = 3, 6, 8

@@ -13,7 +13,7 @@ from pipeline.checkpoint import step_of
 from pipeline.config import load_config
 from pipeline.run import run_pipeline
 from pipeline.sweep import PBT_ORIGIN
-from tests.conftest import minilm_config, write_yaml
+from tests.support.configs import minilm_config, write_yaml
 
 pytestmark = pytest.mark.slow
 

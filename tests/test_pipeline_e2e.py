@@ -11,7 +11,7 @@ from pipeline import tracking
 from pipeline.config import load_config
 from pipeline.eval.stage import validate
 from pipeline.run import run_pipeline
-from tests.conftest import minilm_config, write_yaml
+from tests.support.configs import minilm_config, write_yaml
 
 pytestmark = pytest.mark.slow
 

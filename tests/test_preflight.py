@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import preflight, sweep, tracking
 from pipeline.config import ConfigError, load_config
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.support.configs import REPO, minilm_config, write_yaml
 
 
 def load(tmp_path: Path, config: dict, overrides: list[str] | None = None):
@@ -280,7 +280,7 @@ def bad_input_cases(tmp_path: Path, base: dict) -> dict[str, tuple[list[str], li
     (sweep_dir / "loraforge_run.json").write_text('{"experiment_id": "1", "parent_run_id": "ab')
     cases["run state cut short"] = (["run", config_path, "--resume"],
                                     [f"--resume: {sweep_dir / 'loraforge_run.json'} is unreadable", "start afresh"])
-    from tests.ray_cluster import free_port
+    from tests.support.ray_cluster import free_port
 
     gone = f"127.0.0.1:{free_port()}"  # a head that is gone: ray.init would retry it forever
     cases["a cluster that is gone"] = (["run", config_path, f"ray.address={gone}"],
@@ -321,7 +321,7 @@ def test_a_database_store_that_is_down_or_silent_is_reported_in_under_30_s(tmp_p
     import socket
     import time
 
-    from tests.ray_cluster import free_port
+    from tests.support.ray_cluster import free_port
 
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
         silent.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import tracking
 from pipeline.config import load_config
-from tests.conftest import PLANTED_JUDGE_KEY, PLANTED_SECRETS, PLANTED_URL_PASSWORD
+from tests.support.configs import PLANTED_JUDGE_KEY, PLANTED_SECRETS, PLANTED_URL_PASSWORD
 
 pytestmark = pytest.mark.slow
 

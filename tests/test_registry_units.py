@@ -161,7 +161,7 @@ def test_a_second_sweep_of_the_same_name_gets_a_suffix_never_the_first_ones_stat
 def test_promote_refuses_an_empty_gate_and_an_unexplained_force(tmp_path: Path, sst2_small):
     from pipeline.config import ConfigError, load_config
     from pipeline.registry import promotion
-    from tests.conftest import minilm_config, write_yaml
+    from tests.support.configs import minilm_config, write_yaml
 
     config = load_config(write_yaml(tmp_path / "c.yaml", minilm_config(tmp_path, sst2_small)), env={})
     with pytest.raises(ConfigError, match="registry.promotion.gate: empty"):
@@ -173,7 +173,7 @@ def test_promote_refuses_an_empty_gate_and_an_unexplained_force(tmp_path: Path, 
 def promotion_store(tmp_path: Path, sst2_small, gate_conditions: list[dict]):
     """A real SQLite registry with versions 1-3 of the config's model: champion on 1, candidate on 2."""
     from pipeline.config import load_config
-    from tests.conftest import minilm_config, write_yaml
+    from tests.support.configs import minilm_config, write_yaml
 
     raw = minilm_config(tmp_path, sst2_small, registry={"promotion": {"gate": gate_conditions}})
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})

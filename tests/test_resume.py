@@ -4,7 +4,7 @@ Finished trials are not rerun, the interrupted one continues from its own checkp
 the trial count and the MLflow runs stay the same, and the winner is registered.
 
 The resumed run is also a whole `loraforge run` with its own local Ray instance: while it runs, its
-listening sockets are sampled (tests/sockets.py) and must be on loopback but for Ray's documented few.
+listening sockets are sampled (tests/support/sockets.py) and must be on loopback but for Ray's documented few.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from tests.conftest import minilm_config, write_yaml
-from tests.ray_cluster import stop_every_ray
-from tests.sockets import ListenerWatch, assert_loopback_only
+from tests.support.configs import minilm_config, write_yaml
+from tests.support.ray_cluster import stop_every_ray
+from tests.support.sockets import ListenerWatch, assert_loopback_only
 from tests.support.driver import loraforge_run as cli, trial_runs
 
 pytestmark = pytest.mark.slow

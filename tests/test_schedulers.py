@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.sweep import make_scheduler, make_search_alg, tune_domain
-from tests.conftest import minilm_config, write_yaml
+from tests.support.configs import minilm_config, write_yaml
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import load_config
 from pipeline.evaluate import score_adapter_dir
 from pipeline.run import run_pipeline
-from tests.conftest import head_jsonl, minilm_config, write_yaml
+from tests.support.configs import head_jsonl, minilm_config, write_yaml
 from tests.test_causal import base_model_loss, causal_config
 
 pytestmark = pytest.mark.slow
@@ -45,10 +45,10 @@ def check_trials(result, config) -> None:
 
 @pytest.fixture(scope="module")
 def ray_with_facts(tmp_path_factory):
-    """A Ray instance whose Train workers record what their model is (tests/fault_hooks.py)."""
+    """A Ray instance whose Train workers record what their model is (tests/support/fault_hooks.py)."""
     import ray
 
-    from tests.ray_cluster import start_local_ray
+    from tests.support.ray_cluster import start_local_ray
 
     facts = tmp_path_factory.mktemp("facts")
     start_local_ray(hooks=True, LORAFORGE_TEST_FACTS_DIR=str(facts))

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import preflight, strategies, sweep
 from pipeline.config import ConfigError, load_config
-from tests.conftest import minilm_config, write_yaml
+from tests.support.configs import minilm_config, write_yaml
 
 
 @pytest.fixture()

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from pipeline import tracking
 from pipeline.cli import app
-from tests.conftest import minilm_config, write_yaml
-from tests.mlflow_service import env
+from tests.support.configs import minilm_config, write_yaml
+from tests.support.mlflow_service import env
 
 pytestmark = pytest.mark.slow
 

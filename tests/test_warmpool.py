@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import minilm_config, write_yaml
+from tests.support.configs import minilm_config, write_yaml
 from pipeline import tracking, warmpool
 from pipeline.config import load_config
 from pipeline.run import run_pipeline

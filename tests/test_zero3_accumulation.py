@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, minilm_config, write_yaml
+from tests.support.configs import REPO, minilm_config, write_yaml
 
 pytestmark = pytest.mark.slow
 

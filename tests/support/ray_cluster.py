@@ -40,7 +40,7 @@ def stop_every_ray(env: dict[str, str] | None = None) -> None:
 def start_local_ray(*, hooks: bool = False, **env: str) -> None:
     """A fresh local Ray instance in this process, as the tests use it (ending any it had).
 
-    `hooks`: every worker runs tests/fault_hooks.py's setup hook, which reads its switches from `env`.
+    `hooks`: every worker runs tests/support/fault_hooks.py's setup hook, which reads its switches from `env`.
     """
     import ray
 
@@ -48,8 +48,8 @@ def start_local_ray(*, hooks: bool = False, **env: str) -> None:
         ray.shutdown()
     runtime_env: dict = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1", **env}}
     if hooks:
-        runtime_env["env_vars"]["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-        runtime_env["worker_process_setup_hook"] = "tests.fault_hooks.install"
+        runtime_env["env_vars"]["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # the repo root
+        runtime_env["worker_process_setup_hook"] = "tests.support.fault_hooks.install"
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
 
 
