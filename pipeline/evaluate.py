@@ -16,7 +16,7 @@ import torch
 
 from pipeline import adapters, data, strategies, tracking
 from pipeline.config import ExperimentConfig
-from pipeline.train import evaluate
+from pipeline.trial_worker import evaluate
 
 
 def score_adapter_dir(adapter_dir: Path, config: ExperimentConfig, num_threads: int | None = None) -> dict[str, float]:

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from pipeline import adapters, data, pack, tracking
+from pipeline import adapters, data, pack, tracking, trial_worker
 from pipeline import checkpoint as ckpt
 from pipeline.config import ExperimentConfig
 from pipeline.strategies import Worker, strategy_for
-from pipeline.train import _LineWriter, _tag_node, evaluate
 
 PACK_FILE = adapters.METADATA_FILE  # the pack's own state sits where a solo checkpoint keeps its metadata
 
@@ -35,18 +34,73 @@ def member_trial_id(trial_id: str, name: str) -> str:
     return f"{trial_id}-{name}"
 
 
-def _restore(checkpoint: Any) -> tuple[Path, dict[str, Any], list[str]]:
-    """(the pack checkpoint to resume from, its pack state, problems of newer ones skipped)."""
-    import pyarrow.fs
+def _open_member_runs(first: ExperimentConfig, trial: dict[str, Any], members: list[pack.Member], model: Any,
+                      params: dict[str, Any], resumed: bool, restarts: int, step: int, skipped: list[str]) -> Any:
+    """One nested MLflow run per config of the pack, found again on a restart; the pack's system metrics."""
+    mlflow_client = tracking.client(first.tracking.tracking_uri)
+    for member in members:
+        trainable = model.trainable(member.name)
+        member.run_id = tracking.trial_run(
+            mlflow_client, trial["experiment_id"], trial["parent_run_id"], member_trial_id(trial["trial_id"], member.name),
+            f"{trial['trial_name']}-{member.name}", member.config, member.sampled, trial.get("lineage"))
+        member.metric_buffer = tracking.MetricBuffer(mlflow_client, member.run_id)
+        trial_worker.tag_node(mlflow_client, member.run_id)
+        tracking.set_tags(mlflow_client, member.run_id, {
+            "loraforge.pack": trial["trial_id"], "loraforge.pack_member": member.name,
+            "loraforge.pack_size": str(len(members))})
+        if not resumed:
+            tracking.log_params(mlflow_client, member.run_id, {
+                "trainable_params": trainable, "peft_trainable_params": trainable,
+                "total_params": params["base_params"] + trainable, "train_examples": params["train_examples"],
+                "eval_examples": params["eval_examples"], "total_steps": params["total_steps"], "world_size": 1,
+                "pack_size": len(members)})
+        else:
+            trial_worker.tag_resume(mlflow_client, member.run_id, restarts, step, skipped, trial.get("checkpoints_gone"))
+    # the pack's processes are shared: its CPU/RAM samples go to the first config's run
+    return tracking.start_system_metrics(first, members[0].run_id, resume=resumed)
 
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        directory, skipped = ckpt.choose_resume(Path(checkpoint.path))
-    else:
-        directory = Path(checkpoint.to_directory())
-        if problems := ckpt.verify(directory):
-            raise ckpt.CheckpointError("latest checkpoint is invalid, refusing to start over: " + "; ".join(problems))
-        skipped = []
-    return directory, adapters.read_metadata(directory), skipped
+
+def _report(first: ExperimentConfig, members: list[pack.Member], model: Any, sweep: dict[str, Any],
+            metrics_by_member: dict[str, dict[str, Any]], counts: dict[str, Any]) -> None:
+    """One checkpoint for the configs evaluated now (and the pack's state), reported to Tune.
+
+    `counts`: the loop's step, epoch, train_time_s, eval_time_s, restarts and tokens_seen at this point.
+    """
+    import ray.train
+
+    evaluated = list(metrics_by_member)
+    entries = {m.name: {"status": m.status, "stopped_step": m.stopped_step, "rung": m.rung, "error": m.error,
+                        "mlflow_run_id": m.run_id, **metrics_by_member.get(m.name, {})}
+               for m in members}
+    scores = [metrics_by_member[n].get(sweep["metric"]) for n in evaluated]
+    scores = [s for s in scores if s is not None and not math.isnan(s)]
+    best = (max if sweep["mode"] == "max" else min)(scores) if scores else float("nan")
+    step, restarts, tokens_seen = counts["step"], counts["restarts"], counts["tokens_seen"]
+    shared = {**counts, "tokens_per_s": tokens_seen * len(evaluated) / max(counts["train_time_s"], 1e-9)}
+    result = {sweep["metric"]: best, **shared, "live": sum(m.live for m in members), "pack": entries}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        for member in members:
+            if member.name not in evaluated:
+                continue
+            sub = directory / member.name
+            model.save(member.name, sub, {
+                "base_model": first.model.name_or_path, "task": first.data.kind,
+                "num_labels": getattr(first.data, "num_labels", None), "trainable_params": model.trainable(member.name),
+                "lora": member.config.lora.model_dump(), "strategy": first.strategy.model_dump(),
+                "experiment": first.name, "world_size": 1, "step": step, "tokens_seen": tokens_seen,
+                "restarts": restarts, "metrics": {**shared, **metrics_by_member[member.name]},
+                "pack_member": member.name})
+            ckpt.save_state(sub / ckpt.state_file(0), {"optimizer": member.optimizer.state_dict()})
+            ckpt.write_manifest(sub, 0)
+        ckpt.save_state(directory / ckpt.state_file(0), {"rng": torch.get_rng_state()})
+        (directory / PACK_FILE).write_text(json.dumps({
+            **shared, "world_size": 1, "experiment": first.name,
+            "pack": {"saved": evaluated, "members": {n: {k: e[k] for k in ("status", "stopped_step", "rung")}
+                                                     for n, e in entries.items()}},
+        }, indent=1))
+        ckpt.write_manifest(directory, 0)
+        ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
@@ -68,10 +122,7 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
     device = worker.device
 
     # ---- data, once for the pack: every config shares it, its seed and its batch order
-    tokenizer = adapters.load_tokenizer(first.model, first.data)
-    train_examples = data.with_targets(
-        data.tokenize_rows(first.data, data.load_split(first.data, "train", train_spec.seed), tokenizer))
-    eval_examples = data.tokenize_rows(first.data, data.load_split(first.data, "eval", train_spec.seed), tokenizer)
+    tokenizer, train_examples, eval_examples = trial_worker.load_examples(first)
     lengths = [len(e.input_ids) for e in train_examples]
 
     # ---- one frozen base, k adapters
@@ -91,7 +142,7 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
     step, tokens_seen, loop_time, restarts, skipped = 0, 0, 0.0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        resume_dir, resumed, skipped = _restore(checkpoint)
+        resume_dir, resumed, skipped = trial_worker.restore(checkpoint)
         state = resumed["pack"]
         step, tokens_seen = int(resumed["step"]), int(resumed.get("tokens_seen", 0))
         loop_time, restarts = float(resumed.get("train_time_s", 0.0)), int(resumed.get("restarts", 0)) + 1
@@ -108,73 +159,14 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
     model.model.to(device)
 
     # ---- tracking: one nested MLflow run per config, as for unpacked trials
-    if trial:
-        mlflow_client = tracking.client(first.tracking.tracking_uri)
-        for member in members:
-            trainable = model.trainable(member.name)
-            member.run_id = tracking.trial_run(
-                mlflow_client, trial["experiment_id"], trial["parent_run_id"], member_trial_id(trial["trial_id"], member.name),
-                f"{trial['trial_name']}-{member.name}", member.config, member.sampled, trial.get("lineage"))
-            member.metric_buffer = tracking.MetricBuffer(mlflow_client, member.run_id)
-            _tag_node(mlflow_client, member.run_id)
-            tracking.set_tags(mlflow_client, member.run_id, {
-                "loraforge.pack": trial["trial_id"], "loraforge.pack_member": member.name,
-                "loraforge.pack_size": str(len(members))})
-            if checkpoint is None:
-                tracking.log_params(mlflow_client, member.run_id, {
-                    "trainable_params": trainable, "peft_trainable_params": trainable,
-                    "total_params": sum(p.numel() for p in base.parameters()) + trainable,
-                    "train_examples": len(train_examples), "eval_examples": len(eval_examples),
-                    "total_steps": total_steps, "world_size": 1, "pack_size": len(members)})
-            else:
-                mlflow_client.set_tag(member.run_id, "loraforge.worker_restarts", str(restarts))
-                mlflow_client.set_tag(member.run_id, "loraforge.resumed_from_step", str(step))
-                if skipped:
-                    mlflow_client.set_tag(member.run_id, "loraforge.ckpt_fallback", "; ".join(skipped)[:5000])
-        # the pack's processes are shared: its CPU/RAM samples go to the first config's run
-        system_metrics = tracking.start_system_metrics(first, members[0].run_id, resume=checkpoint is not None)
-    else:
-        system_metrics = None
+    params = {"train_examples": len(train_examples), "eval_examples": len(eval_examples), "total_steps": total_steps,
+              "base_params": sum(p.numel() for p in base.parameters())}
+    system_metrics = (_open_member_runs(first, trial, members, model, params, checkpoint is not None, restarts, step,
+                                        skipped) if trial else None)
 
-    progress = tqdm(total=total_steps, initial=step, file=_LineWriter(sys.stderr), mininterval=10, ascii=True, ncols=100,
+    progress = tqdm(total=total_steps, initial=step, file=trial_worker.LineWriter(sys.stderr), mininterval=10, ascii=True,
+                    ncols=100,
                     desc=f"pack of {len(members)} ({first.strategy.kind})")
-
-    def report(metrics_by_member: dict[str, dict[str, Any]]) -> None:
-        """One checkpoint for the configs evaluated now (and the pack's state), reported to Tune."""
-        evaluated = list(metrics_by_member)
-        entries = {m.name: {"status": m.status, "stopped_step": m.stopped_step, "rung": m.rung, "error": m.error,
-                            "mlflow_run_id": m.run_id, **metrics_by_member.get(m.name, {})}
-                   for m in members}
-        scores = [metrics_by_member[n].get(sweep["metric"]) for n in evaluated]
-        scores = [s for s in scores if s is not None and not math.isnan(s)]
-        best = (max if sweep["mode"] == "max" else min)(scores) if scores else float("nan")
-        shared = {"step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time, "eval_time_s": eval_time,
-                  "restarts": restarts,
-                  "tokens_seen": tokens_seen, "tokens_per_s": tokens_seen * len(evaluated) / max(loop_time, 1e-9)}
-        result = {sweep["metric"]: best, **shared, "live": sum(m.live for m in members), "pack": entries}
-        with tempfile.TemporaryDirectory() as tmp:
-            directory = Path(tmp)
-            for member in members:
-                if member.name not in evaluated:
-                    continue
-                sub = directory / member.name
-                model.save(member.name, sub, {
-                    "base_model": first.model.name_or_path, "task": first.data.kind,
-                    "num_labels": getattr(first.data, "num_labels", None), "trainable_params": model.trainable(member.name),
-                    "lora": member.config.lora.model_dump(), "strategy": first.strategy.model_dump(),
-                    "experiment": first.name, "world_size": 1, "step": step, "tokens_seen": tokens_seen,
-                    "restarts": restarts, "metrics": {**shared, **metrics_by_member[member.name]},
-                    "pack_member": member.name})
-                ckpt.save_state(sub / ckpt.state_file(0), {"optimizer": member.optimizer.state_dict()})
-                ckpt.write_manifest(sub, 0)
-            ckpt.save_state(directory / ckpt.state_file(0), {"rng": torch.get_rng_state()})
-            (directory / PACK_FILE).write_text(json.dumps({
-                **shared, "world_size": 1, "experiment": first.name,
-                "pack": {"saved": evaluated, "members": {n: {k: e[k] for k in ("status", "stopped_step", "rung")}
-                                                         for n, e in entries.items()}},
-            }, indent=1))
-            ckpt.write_manifest(directory, 0)
-            ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     # ---- the loop
     model.model.train()
@@ -216,7 +208,7 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
                     if not member.live:
                         continue
                     with model.only(member.name):
-                        scores = evaluate(model.model, eval_examples, member.config, pad_id, device, 0, 1)
+                        scores = trial_worker.evaluate(model.model, eval_examples, member.config, pad_id, device, 0, 1)
                     metrics[member.name] = {**scores, "lr": member.scheduler.get_last_lr()[0],
                                             "trainable_params": model.trainable(member.name), "worker_restarts": restarts}
                     if member.metric_buffer is not None:
@@ -233,11 +225,16 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
                     for member in members:
                         if member.live:
                             member.status, member.stopped_step = "DONE", step
-                report(metrics)
+                counts = {"step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time,
+                          "eval_time_s": eval_time, "restarts": restarts, "tokens_seen": tokens_seen}
+                _report(first, members, model, sweep, metrics, counts)
                 started = time.perf_counter()
         loop_time += time.perf_counter() - started
     if any(m.status == "ERROR" and m.stopped_step is not None for m in members) and not any(m.live for m in members):
-        report({})  # every config stopped on a non-finite loss: the driver learns why
+        # every config stopped on a non-finite loss: the driver learns why
+        counts = {"step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time,
+                  "eval_time_s": eval_time, "restarts": restarts, "tokens_seen": tokens_seen}
+        _report(first, members, model, sweep, {}, counts)
     progress.close()
     for member in members:
         if member.metric_buffer is not None:

@@ -40,6 +40,9 @@ class Worker:
 class MemoryStrategy(Protocol):
     """What the train loop needs from a memory strategy, in the order it calls them."""
 
+    def load_base(self) -> nn.Module:
+        """The frozen base alone, as this strategy holds it (a pack attaches its k adapters to it)."""
+
     def load_model(self) -> nn.Module:
         """The PEFT model (base + LoRA, unwrapped) on this worker's device; adapters may be loaded into it next."""
 
@@ -141,8 +144,7 @@ class PlainLora(_DataParallel):
         return adapters.load_base_model(self.config.model, self.config.data).to(self.worker.device)
 
     def load_model(self) -> nn.Module:
-        base = adapters.load_base_model(self.config.model, self.config.data)
-        return adapters.attach_lora(base, self.config.lora, self.config.data).to(self.worker.device)
+        return adapters.attach_lora(self.load_base(), self.config.lora, self.config.data).to(self.worker.device)
 
 
 def bnb_config(quant: QuantSpec, skip_modules: list[str] | None) -> Any:
@@ -304,19 +306,20 @@ class Zero3Offload:
         if self.precision == "fp16" and worker.rank == 0:
             log.warning("ZeRO-3 with fp16: overflowing steps are skipped; watch the skipped_steps metric")
 
+    def load_base(self) -> nn.Module:
+        """The full base, read once per worker (4-bit if asked); deepspeed.initialize then partitions it and keeps
+        only this worker's shard (offloaded to CPU), freeing the rest."""
+        if self.spec.load_in_4bit is not None:
+            return load_quantized_base(self.config, self.spec.load_in_4bit, self.worker.device,
+                                       dtype=ZERO3_DTYPES[self.precision])
+        return adapters.load_base_model(self.config.model, self.config.data)
+
     def load_model(self) -> nn.Module:
         # DeepSpeed JIT-builds shm_comm here and cpu_adam in wrap(), each under a file lock that a
         # killed build leaves behind: clear stale ones, bound the wait on live ones
         oplocks.clear_build_locks()
         init_deepspeed_distributed(self.worker)
-        if self.spec.load_in_4bit is not None:
-            base = load_quantized_base(self.config, self.spec.load_in_4bit, self.worker.device,
-                                       dtype=ZERO3_DTYPES[self.precision])
-        else:
-            base = adapters.load_base_model(self.config.model, self.config.data)
-        # the full base is read once per worker; deepspeed.initialize then partitions it and
-        # keeps only this worker's shard (offloaded to CPU), freeing the rest
-        return adapters.attach_lora(base, self.config.lora, self.config.data)
+        return adapters.attach_lora(self.load_base(), self.config.lora, self.config.data)
 
     def wrap(self, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
         import deepspeed

@@ -11,7 +11,7 @@ from pipeline import adapters, data, tracking
 from pipeline.config import load_config
 from pipeline.evaluate import score_adapter_dir
 from pipeline.run import run_pipeline
-from pipeline.train import evaluate
+from pipeline.trial_worker import evaluate
 from tests.support.configs import head_jsonl, write_yaml
 
 pytestmark = pytest.mark.slow

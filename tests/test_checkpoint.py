@@ -1,6 +1,6 @@
 """Checkpoints: state round-trips through safetensors, the manifest/adapter guard, and F8 (corrupt latest).
 
-Checkpoints here are written by the train loop's own writer (`train._write_checkpoint`)
+Checkpoints here are written by the train loop's own writer (`trial_worker.write_checkpoint`)
 from a real PEFT model and optimizer, then damaged the ways fault F8 lists.
 """
 
@@ -24,7 +24,7 @@ from pipeline.sweep import best_complete_checkpoint as _best
 def best_complete_checkpoint(run_dir: Path, metric: str, mode: str):
     found = _best(Storage.of(run_dir), str(run_dir), metric, mode)
     return (Path(found[0]), found[1]) if found else None
-from pipeline.train import _write_checkpoint
+from pipeline.trial_worker import write_checkpoint
 from tests.support.configs import minilm_config, write_yaml
 
 
@@ -46,7 +46,7 @@ def trained(tmp_path_factory, sst2_small):
 
 def write(trained, directory: Path, step: int, accuracy: float, world_size: int = 1) -> Path:
     directory.mkdir(parents=True)
-    _write_checkpoint(directory, trained, 0, {"step": step, "metrics": {"eval_accuracy": accuracy}, "world_size": world_size})
+    write_checkpoint(directory, trained, 0, {"step": step, "metrics": {"eval_accuracy": accuracy}, "world_size": world_size})
     if world_size == 2:
         # rank 1 writes its state into its own directory; Ray merges both into one checkpoint
         other = directory.parent / f"{directory.name}-rank1"
