@@ -50,8 +50,8 @@ def bare_peft_loop(config, steps: int) -> dict:
 
     torch.set_num_threads(config.train.cpus_per_worker)
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    model = AutoModelForSequenceClassification.from_pretrained(config.model.path, num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.resolve())
+    model = AutoModelForSequenceClassification.from_pretrained(config.model.resolve(), num_labels=2)
     model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                                              target_modules=config.lora.target_modules,
                                              modules_to_save=["classifier", "pooler"], task_type="SEQ_CLS"))

@@ -46,7 +46,7 @@ def model_skeleton(model_spec: ModelSpec, data_spec: Any) -> nn.Module:
     from transformers import AutoConfig
 
     kwargs = _model_kwargs(model_spec, data_spec)
-    hf_config = AutoConfig.from_pretrained(model_spec.path, **kwargs)
+    hf_config = AutoConfig.from_pretrained(model_spec.resolve(), **kwargs)
     with torch.device("meta"):
         return auto_model_class(data_spec).from_config(hf_config, trust_remote_code=model_spec.trust_remote_code)
 
@@ -58,7 +58,7 @@ def load_base_model(model_spec: ModelSpec, data_spec: Any, dtype: torch.dtype = 
     Extra keyword arguments go to `from_pretrained` (a `quantization_config` for QLoRA).
     """
     return auto_model_class(data_spec).from_pretrained(
-        model_spec.path, dtype=dtype, use_safetensors=True, **_model_kwargs(model_spec, data_spec), **kwargs
+        model_spec.resolve(), dtype=dtype, use_safetensors=True, **_model_kwargs(model_spec, data_spec), **kwargs
     )
 
 
@@ -220,10 +220,10 @@ def load_tokenizer(model_spec: ModelSpec, data_spec: Any) -> Any:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_spec.path, trust_remote_code=model_spec.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_spec.resolve(), trust_remote_code=model_spec.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"model.name_or_path: tokenizer of {model_spec.path} has neither a pad nor an EOS token")
+            raise ValueError(f"model.name_or_path: tokenizer of {model_spec.resolve()} has neither a pad nor an EOS token")
         logging.getLogger(__name__).info("tokenizer has no pad token: padding with EOS %r", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -98,8 +98,9 @@ class ModelSpec(StrictModel):
     )
     trust_remote_code: bool = Field(False, description="Run the model repo's own code. Off unless you trust it.")
 
-    @property
-    def path(self) -> str:
+    def resolve(self) -> str:
+        """The model's folder on this machine: a shipped (`pkg:`) model found, a GGUF file converted once to a
+        cached safetensors folder. A method, not an attribute: it may do that work."""
         return resolve_model_path(self.name_or_path)
 
 

@@ -32,7 +32,7 @@ class DataSummary:
 
 def check_model(config: ExperimentConfig) -> list[str]:
     try:
-        path = Path(config.model.path)
+        path = Path(config.model.resolve())
     except ValueError as err:
         return [f"model.name_or_path: {err}"]
     if not (path / "config.json").is_file():
@@ -116,7 +116,7 @@ def check_data(config: ExperimentConfig) -> tuple[list[str], DataSummary | None]
 def _max_positions(config: ExperimentConfig) -> int | None:
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(config.model.resolve(), trust_remote_code=config.model.trust_remote_code)
     return getattr(hf_config, "max_position_embeddings", None)
 
 

@@ -77,7 +77,7 @@ def test_saved_adapter_is_safetensors_and_reloads_with_plain_peft(minilm_cfg, tm
                                                      "loraforge.json"]
     # a user with only transformers + peft: a fresh base (new random head) + the adapter folder
     torch.manual_seed(123)
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_cfg.model.path, num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_cfg.model.resolve(), num_labels=2)
     reloaded = PeftModel.from_pretrained(base, str(out))
     reloaded.eval()
     assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-5)

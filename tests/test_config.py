@@ -28,7 +28,7 @@ def test_quickstart_config_loads():
     config = load_config(REPO / "configs" / "quickstart.yaml", env={"LORAFORGE_DATA_ROOT": str(REPO / "data")})
     assert config.sweep.trial_count() == 4
     assert config.data.train_path == REPO / "data" / "sst2" / "train.jsonl" and config.data.train_path.is_file()
-    assert Path(config.model.path, "config.json").is_file()
+    assert Path(config.model.resolve(), "config.json").is_file()
     assert config.tracking.tracking_uri.startswith("sqlite:////")
 
 

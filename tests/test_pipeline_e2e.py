@@ -85,9 +85,9 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
     adapter_dir = model_dir / "artifacts" / "adapter"
     assert (model_dir / "MLmodel").is_file()
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
-    base = AutoModelForSequenceClassification.from_pretrained(config.model.path, num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(config.model.resolve(), num_labels=2)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.resolve())
     rows = [json.loads(line) for line in sst2_small["eval"].read_text().splitlines()]
     correct = 0
     with torch.no_grad():
