@@ -24,8 +24,7 @@ def score_adapter_dir(adapter_dir: Path, config: ExperimentConfig, num_threads: 
     if num_threads:
         torch.set_num_threads(num_threads)
     tokenizer = adapters.load_tokenizer(config.model, config.data)
-    model = adapters.load_adapter_model(adapter_dir, config.model, config.data, base=strategies.inference_base(config))
-    model.eval()
+    model = strategies.load_trained(config, adapter_dir)
     examples = data.tokenize_rows(config.data, data.load_split(config.data, "eval", config.train.seed), tokenizer)
     return evaluate(model, examples, config, tokenizer.pad_token_id, torch.device("cpu"), rank=0, world_size=1)
 

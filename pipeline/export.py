@@ -54,7 +54,7 @@ def merge(adapter_dir: Path, config: ExperimentConfig, out_dir: Path, num_exampl
     quantized = strategies.quant_spec(config) is not None
 
     # the reference: the adapter on the base it was trained with (4-bit for QLoRA)
-    unmerged = PeftModel.from_pretrained(strategies.inference_base(config), str(adapter_dir))
+    unmerged = strategies.load_trained(config, adapter_dir)
     expected = _outputs(unmerged, batch)
 
     if quantized:

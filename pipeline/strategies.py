@@ -237,6 +237,18 @@ def inference_base(config: ExperimentConfig, device: torch.device = torch.device
     return load_quantized_base(config, quant, device)
 
 
+def load_trained(config: ExperimentConfig, adapter_dir: Path | None = None,
+                 device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The one way to load "the base as the trials trained against it, plus an adapter": `inference_base` with the
+    PEFT folder on top via `PeftModel.from_pretrained` (or the base alone), in eval mode. The eval stage, the
+    registered pyfunc, the registry re-score and export all load through it."""
+    base = inference_base(config, device)
+    if adapter_dir is None:
+        return base.eval()
+    # PEFT puts each LoRA layer on its base layer's device
+    return adapters.load_adapter_model(adapter_dir, config.model, config.data, base=base).eval()
+
+
 ZERO3_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -107,12 +107,8 @@ def load_model(config: ExperimentConfig, ref: str | None, workdir: Path) -> tupl
     tokenizer = adapters.load_tokenizer(config.model, config.data)
     # a task asking for a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); without one, the CPU
     device = torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
-    base = strategies.inference_base(config, device)
-    if ref is None:
-        return base.eval(), tokenizer
-    adapter_dir = tracking.fetch_adapter(ref, config.tracking.tracking_uri, workdir / "adapter")
-    # PEFT puts each LoRA layer on its base layer's device
-    return adapters.load_adapter_model(adapter_dir, config.model, config.data, base=base).eval(), tokenizer
+    adapter_dir = None if ref is None else tracking.fetch_adapter(ref, config.tracking.tracking_uri, workdir / "adapter")
+    return strategies.load_trained(config, adapter_dir, device), tokenizer
 
 
 def run_shard(config_dict: dict[str, Any], suite_name: str, ref: str | None, items: list[dict[str, Any]],
