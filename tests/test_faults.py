@@ -243,9 +243,12 @@ def crash_trial_and_delete_its_latest_checkpoint(config, record: dict) -> None:
     deadline = time.time() + 120
     while len(registered_checkpoints(config)) < 2 and time.time() < deadline:
         time.sleep(0.02)
-    alive = list_actors(filters=[("state", "=", "ALIVE")])
+    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
     record["actors"] = sorted({a.class_name for a in alive})
-    victims = [a.pid for a in alive if a.class_name in ("TrainController", "ImplicitFunc") or "run_trial" in a.class_name]
+    # by process title too: the state API has been seen to leave the trial actor out of its list
+    titles = {p.pid: " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])}
+    victims = sorted({a.pid for a in alive if a.class_name in ("TrainController", "ImplicitFunc")} |
+                     {pid for pid, title in titles.items() if title.startswith(("ray::ImplicitFunc", "ray::TrainController"))})
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     psutil.wait_procs([psutil.Process(p) for p in victims if psutil.pid_exists(p)], timeout=30)
