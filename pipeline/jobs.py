@@ -88,12 +88,12 @@ def find_token(env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     return None
 
 
-def _probe(url: str, token: str | None) -> int:
+def _probe(url: str, token: str | None, timeout_s: float = 15) -> int:
     request = urllib.request.Request(f"{url}/api/version")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=15) as reply:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             return reply.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -478,14 +478,10 @@ def follow(job_client: Any, job_id: str, write: Callable[[str], None] = sys.stdo
 
 
 def _answers(job_client: Any) -> bool:
-    import urllib.request
-
     try:
-        with urllib.request.urlopen(f"{job_client.get_address()}/api/version", timeout=5):
-            return True
-    except urllib.error.HTTPError:
-        return True  # it answered, if only to refuse
-    except OSError:
+        _probe(job_client.get_address(), None, timeout_s=5)  # any HTTP answer, a refusal included, means it is there
+        return True
+    except JobsError:
         return False
 
 
