@@ -1,6 +1,6 @@
 """How results look: numbers as table cells, Markdown tables, and matplotlib without a display.
 
-The sweep's report (pipeline.report) and the evaluation stage's (pipeline.eval.report) both draw
+The sweep's report (pipeline.sweep.report) and the evaluation stage's (pipeline.eval.report) both draw
 through this module; neither imports the other.
 """
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import (atomic, cluster, data, evaluate, interrupts, outbox, planner, preflight, redact, render, report,
-                      sweep, tracking, warmpool)
+from pipeline import (atomic, cluster, data, evaluate, interrupts, outbox, preflight, redact, render, sweep, tracking,
+                      warmpool)
+from pipeline.sweep import planner, report
 from pipeline.config import ConfigError, ExperimentConfig, RaySpec
 from pipeline.eval import catalog, stage
 from pipeline.registry import lineage, mlflow_model

@@ -1,4 +1,4 @@
-"""Packed trials (pipeline.pack, pipeline.pack_train, pipeline.planner).
+"""Packed trials (pipeline.pack, pipeline.pack_train, pipeline.sweep.planner).
 
 - A packed config trains exactly like the same config alone: after N steps on the same seed and
   batches (fp32, CPU, dropout 0) every adapter tensor matches a solo run to 1e-5, in a pack that
@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import adapters, data, pack, planner, sweep, tracking
+from pipeline import adapters, data, pack, sweep, tracking
+from pipeline.sweep import planner
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.strategies import PlainLora, Worker
 from tests.support.configs import REPO, head_jsonl, minilm_config, write_yaml
@@ -214,7 +215,8 @@ def test_bad_packing_input_is_refused_with_the_fix(tmp_path: Path, sst2_small):
 
 MEASURE = """
 import json, resource, sys, psutil, torch
-from pipeline import adapters, pack, planner
+from pipeline import adapters, pack
+from pipeline.sweep import planner
 from pipeline.config import ExperimentConfig
 configs = [ExperimentConfig.model_validate(c) for c in json.loads(sys.argv[1])]
 first = configs[0]

@@ -1,4 +1,4 @@
-"""pipeline.report: the sweep's tables and plots."""
+"""pipeline.sweep.report: the sweep's tables and plots."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import report
+from pipeline.sweep import report
 
 
 def test_rank_plots_average_seeds_after_taking_each_seeds_best_lr(tmp_path: Path):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import render
-from pipeline.sweep import TrialSummary
+from pipeline.sweep.results import TrialSummary
 
 
 def trial_rows(trials: list[TrialSummary], config: Any) -> list[dict[str, Any]]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import adapters
-from pipeline import sweep as sweep_mod
 from pipeline.config import PACKABLE_PATHS, ConfigError, ExperimentConfig
+from pipeline.sweep.space import grid_points, tune_domain
 
 GiB = 1024**3
 
@@ -136,7 +136,7 @@ def sample_points(config: ExperimentConfig) -> list[dict[str, Any]]:
 
     spec = config.sweep
     if spec.searcher == "grid":
-        points = sweep_mod.grid_points(spec) * spec.num_samples
+        points = grid_points(spec) * spec.num_samples
         if spec.grid_order == "shuffled":
             random.Random(config.train.seed).shuffle(points)
         return points or [{}]
@@ -145,7 +145,7 @@ def sample_points(config: ExperimentConfig) -> list[dict[str, Any]]:
     for _ in range(spec.num_samples):
         point = {}
         for path, domain in spec.parameters.items():
-            value = sweep_mod.tune_domain(domain, "random")
+            value = tune_domain(domain, "random")
             value = value["grid_search"][state.randint(len(value["grid_search"]))] if isinstance(value, dict) \
                 else value.sample(random_state=state)
             point[path] = value.item() if hasattr(value, "item") else value
