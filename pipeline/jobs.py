@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from pipeline import redact
-from pipeline.config import ExperimentConfig, data_root, load_config
+from pipeline.config import ExperimentConfig, load_config
+from pipeline.datafiles import data_root
 
 log = logging.getLogger("loraforge")
 
@@ -291,7 +292,7 @@ def config_credentials(config: ExperimentConfig, overrides: list[str]) -> list[s
     return problems
 
 
-def git_commit(working_dir: Path) -> tuple[str | None, bool]:
+def tree_commit(working_dir: Path) -> tuple[str | None, bool]:
     """(commit, dirty) of the git tree at `working_dir`; (None, False) outside git."""
     try:
         head = subprocess.run(["git", "-C", str(working_dir), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -376,7 +377,7 @@ def plan_submission(config_path: Path, overrides: list[str], *, working_dir: Pat
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         warnings.append(f"tracking.tracking_uri={uri} is a file in the job's temporary working dir on the cluster; "
                         "use an MLflow server (http://...) or an absolute path on shared storage")
-    commit, dirty = git_commit(working_dir)
+    commit, dirty = tree_commit(working_dir)
     if dirty:
         warnings.append(f"the working tree has uncommitted changes; runs are tagged with commit {commit}, which does "
                         "not hold them")

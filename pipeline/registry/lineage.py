@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import gguf
-from pipeline.config import PKG_PREFIX, ExperimentConfig, ModelSpec, _package_path
+from pipeline.config import PKG_PREFIX, ExperimentConfig, ModelSpec, package_path
 
 LIBRARIES = ("torch", "transformers", "peft", "ray", "deepspeed", "bitsandbytes", "mlflow")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -41,7 +41,7 @@ def weights_sha256(path: Path) -> str:
 def _source_path(model: ModelSpec) -> Path:
     """The file or folder the user named (a shipped GGUF file, not its converted cache)."""
     name = model.name_or_path
-    return Path(_package_path(name[len(PKG_PREFIX):]) if name.startswith(PKG_PREFIX) else name).expanduser()
+    return Path(package_path(name[len(PKG_PREFIX):]) if name.startswith(PKG_PREFIX) else name).expanduser()
 
 
 def _distribution(package: str) -> tuple[str, str] | None:
