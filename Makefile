@@ -24,7 +24,9 @@ quickstart: venv
 
 PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
+# Java and Perl's XML::Twig (the E2E metrics and their oracle, the official script), installed when missing
 test-data: venv
+	.ci/system-deps
 	$(BIN)/loraforge data fetch
 
 # Two lanes, fast first: a broken import or config fails in minutes, before the multi-process tests start.

@@ -336,7 +336,10 @@ def metrics_e2e(
                 if not path.is_file()]
     if problems:
         fail_config("\n".join(problems))
-    refs = e2e_metrics.read_references(references)
+    try:
+        refs = e2e_metrics.read_references(references)
+    except e2e_metrics.BadReferences as err:
+        fail_config(err)
     hyps = e2e_metrics.read_hypotheses(hypotheses)
     if len(refs) != len(hyps):
         fail_config(f"{references} has {len(refs)} instances (blank-line separated) but {hypotheses} "

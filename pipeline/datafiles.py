@@ -55,7 +55,8 @@ class _Spec(BaseModel):
 
 class Source(_Spec):
     repo: str = Field(description="GitHub owner/repo the file comes from.")
-    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
+    commit: str = Field(pattern=r"^[0-9a-f]{7,40}$", description=(
+        "The commit: its full hash, or the abbreviated one the source names (the blob hash pins the bytes)."))
     path: str = Field(description="Path of the source file in that commit.")
     blob: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Git blob hash of the source file.")
     member: str | None = Field(None, description="The member to read when the source is a zip archive.")
