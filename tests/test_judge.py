@@ -264,7 +264,7 @@ def test_a_remote_judge_is_known_by_its_endpoint_so_another_server_replays_nothi
 
 def test_answer_temperatures_follow_fastchat_unless_set(tmp_path: Path, tiny_causal_model: Path):
     from pipeline.eval import mt_bench
-    from tests.test_eval_stage import e2e_config
+    from tests.support.configs import e2e_config
     from tests.support.configs import write_yaml
 
     raw = e2e_config(tmp_path, str(tiny_causal_model))
@@ -312,7 +312,7 @@ def test_loraforge_eval_judges_every_mode_and_the_key_reaches_nothing(tmp_path: 
     from pipeline.cli import app
     from pipeline.eval import stage
     from tests.support.configs import write_yaml
-    from tests.test_eval_stage import save_adapter
+    from tests.support.configs import save_adapter
 
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET + "\n")  # read from a file, newline and all: sent and masked without it
     monkeypatch.chdir(tmp_path)
@@ -397,7 +397,7 @@ def test_a_judge_outage_fails_loraforge_eval_with_exit_1_and_keeps_every_item(tm
     from pipeline.cli import app
     from pipeline.eval import stage
     from tests.support.configs import write_yaml
-    from tests.test_eval_stage import save_adapter
+    from tests.support.configs import save_adapter
 
     monkeypatch.chdir(tmp_path)
     fake = FakeJudge(faults={1: "500"})  # the first request fails; from the third on, the judge is down

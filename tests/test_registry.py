@@ -175,6 +175,9 @@ def test_old_and_new_versions_both_read_by_similarity_export_and_eval(swept, tmp
     evaluated = stage.run_stage(config, model_ref=f"models:/{MODEL}/{old.version}", names=["classification"])
     assert evaluated.results["suites"]["classification"]["candidate"]["accuracy"] == pytest.approx(
         result.eval_metrics["eval_accuracy"], abs=1e-9)
+    # the base row (MiniLM with a new head drawn from train.seed) is the one the sweep's own evaluation had
+    assert evaluated.results["suites"]["classification"]["base"] == \
+        result.evaluation.results["suites"]["classification"]["base"]
     client.delete_model_version(MODEL, old.version)
 
 
@@ -291,3 +294,90 @@ def test_gated_promotion_force_and_rollback(swept, request):
     assert out.exit_code == 0 and config.name in out.output and "FINISHED" in out.output
     out = runner.invoke(app, ["models", "no-such-model", "--tracking-uri", config.tracking.tracking_uri])
     assert out.exit_code == 2 and "no-such-model" in out.output and "Traceback" not in out.output
+
+
+def test_an_adapter_that_changes_nothing_fails_its_evaluation_and_cannot_be_promoted(swept, tmp_path: Path, request):
+    """A version whose adapter is the winner's with every lora_B zeroed (an adapter saved empty): the eval stage
+    fails it with the reason and scores nothing, its version says so, and promote refuses it even with --force."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from pipeline import preflight
+    from pipeline.cli import app
+    from pipeline.run import register_winner, run_lineage
+    from pipeline.sweep import TrialSummary
+
+    config, config_path, result, _ = swept
+    uri = config.tracking.tracking_uri
+    client = tracking.client(uri)
+    first = client.get_model_version_by_alias(MODEL, "candidate")
+    request.addfinalizer(lambda: client.set_registered_model_alias(MODEL, "candidate", first.version))
+    best = result.sweep.best
+    empty = tracking.fetch_adapter(f"runs:/{best.run_id}/{tracking.ADAPTER_ARTIFACT}", uri, tmp_path / "dl")
+    weights = load_file(str(empty / "adapter_model.safetensors"))
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, str(empty / "adapter_model.safetensors"))
+    run = client.create_run(client.get_run(best.run_id).info.experiment_id, run_name="empty-adapter")
+    client.log_artifacts(run.info.run_id, str(empty), tracking.ADAPTER_ARTIFACT)
+    client.set_terminated(run.info.run_id)
+    summary = TrialSummary("empty", "trial_empty", dict(best.sampled), status="DONE", best_metric=best.best_metric,
+                           run_id=run.info.run_id)
+    records = run_lineage(config, preflight.DataSummary(train_rows=160, eval_rows=64, truncated_fraction=0.0))
+    version = register_winner(config, client, result.parent_run_id, summary, records)
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["eval", str(config_path), "--json", str(tmp_path / "r.json")])
+    assert out.exit_code == 1, out.output
+    assert "adapter check (candidate) FAILED" in out.output and "every lora_B" in out.output
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["model_version"] == str(version.version)
+    assert set(results["failed"]) == {"adapter"} and "is zero" in results["failed"]["adapter"]
+    assert results["suites"] == {} and results["items"] == []  # never scored, the base neither
+    assert results["adapters"]["candidate"]["zero_b_layers"] == results["adapters"]["candidate"]["lora_layers"] > 0
+    tags = client.get_model_version(MODEL, version.version).tags
+    assert tags["loraforge.adapter_check"].startswith("failed: ") and not any(t.startswith("eval.") for t in tags)
+    assert client.get_model_version(MODEL, first.version).tags["loraforge.adapter_check"] == "passed"
+
+    out = runner.invoke(app, ["promote", str(config_path), "--force", "--reason", "ship it anyway"])
+    assert out.exit_code == 2 and "adapter does not apply" in out.output and "Traceback" not in out.output
+    assert client.get_model_version(MODEL, version.version).tags.get("loraforge.promotion.decision") is None
+    client.delete_model_version(MODEL, version.version)
+
+
+def test_the_readme_snippet_with_plain_transformers_and_peft_scores_what_the_classification_suite_scored(
+        swept, sst2_small):
+    """The README's "plain mlflow + peft, nothing of loraforge" snippet, run as written (its URI and model name
+    swapped for this store's), then a plain loop over the eval rows: the same predictions, item by item, and the
+    same accuracy as the classification suite of the sweep's own evaluation."""
+    import re
+
+    import torch
+    from transformers import AutoTokenizer
+
+    config, _, result, _ = swept
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"nothing of loraforge:\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "PeftModel.from_pretrained(base" in snippet and "import pipeline" not in snippet
+    snippet = snippet.replace("sqlite:///mlruns.db", config.tracking.tracking_uri).replace(
+        "quickstart-sst2-lora", MODEL)
+    how = re.search(r"`BASE_MODEL_DIR` for the quickstart: `(python -c \"[^`]*\")`", readme).group(1)
+    base_dir = subprocess.run(["bash", "-c", how.replace("python", sys.executable, 1)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    namespace = {"BASE_MODEL_DIR": base_dir}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    model = namespace["model"].eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    rows = eval_rows(sst2_small)
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(rows), 16):
+            batch = tokenizer([r["sentence"] for r in rows[start:start + 16]], truncation=True,
+                              max_length=config.data.max_seq_len, padding=True, return_tensors="pt")
+            predictions += model(**batch).logits.argmax(-1).tolist()
+    accuracy = sum(p == r["label"] for p, r in zip(predictions, rows)) / len(rows)
+
+    evaluation = result.evaluation.results
+    ours = sorted((it for it in evaluation["items"] if it["suite"] == "classification" and it["model"] == "candidate"),
+                  key=lambda it: it["id"])
+    assert [it["prediction"] for it in ours] == predictions
+    assert evaluation["suites"]["classification"]["candidate"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)

@@ -84,8 +84,21 @@ def print_table(results: dict[str, Any]) -> None:
         console.print(trial_table)
     if "judge" in results:
         console.print(judge_line(results["judge"]), markup=False, highlight=False)
-    for suite_name, why in results.get("failed", {}).items():
-        console.print(f"suite {suite_name} FAILED: {why}", markup=False, highlight=False)
+    for key, why in results.get("failed", {}).items():
+        console.print(f"{failure_label(key)} FAILED: {why}", markup=False, highlight=False)
+
+
+# on a registered version: "passed", or "failed: <reason>" (its adapter changes nothing; promote refuses it)
+ADAPTER_CHECK_TAG = "loraforge.adapter_check"
+
+
+def failure_label(key: str) -> str:
+    """How a `failed` entry is named: suites by name, adapter checks by the model they failed."""
+    if key == "adapter":
+        return "adapter check (candidate)"
+    if key.startswith("adapter:"):
+        return f"adapter check ({key.removeprefix('adapter:')})"
+    return f"suite {key}"
 
 
 def judge_line(judge: dict[str, Any]) -> str:
@@ -192,8 +205,9 @@ def markdown(results: dict[str, Any], pictures: list[str]) -> str:
                   "Means are over scored items only; `unparseable` (no valid rating after the re-asks) and `failed` "
                   "(no reply) items are counted, never scored. Per-item judgments: `items/judge_*.jsonl`; "
                   "FastChat files: `fastchat/`.", ""]
-    for suite_name, why in results.get("failed", {}).items():
-        lines += [f"**Suite {suite_name} failed:** {why}", ""]
+    for key, why in results.get("failed", {}).items():
+        label = failure_label(key)
+        lines += [f"**{label[0].upper()}{label[1:]} failed:** {why}", ""]
     return "\n".join(lines + pictures) + "\n"
 
 
@@ -277,5 +291,9 @@ def log_results(config: ExperimentConfig, results: dict[str, Any], reports_dir: 
         if "judge" in results:
             mlflow_client.set_model_version_tag(name, version, "eval.judge.summary", judge_line(results["judge"])[:5000])
         mlflow_client.set_model_version_tag(name, version, "loraforge.eval_run_id", run_id)
+        if "candidate" in results.get("adapters", {}):
+            found = results["adapters"]["candidate"]
+            mlflow_client.set_model_version_tag(name, version, ADAPTER_CHECK_TAG, "passed" if found["ok"] else
+                                                f"failed: {redact.redact_text(found['reason'])}"[:5000])
     mlflow_client.set_terminated(run_id, status="FAILED" if results["failed"] else "FINISHED")
     return run_id

@@ -4,10 +4,13 @@
 
 1. check the suites against the config (exit 2 before any generation);
 2. pin every model to a fixed reference (`models:/name@alias` -> `models:/name/N`);
-3. per suite and model, Ray tasks with one trial worker's resources load the model from its
+3. check that each adapter applies (`applied.py`: LoRA layers attached, B not all zero, logits unlike the
+   base's, merged equal to unmerged); a model whose adapter changes nothing is failed, never scored, and
+   without the candidate there is nothing to score;
+4. per suite and model, Ray tasks with one trial worker's resources load the model from its
    reference (the registry, a run, or a folder) and run it over a shard of the items;
-4. the driver scores the gathered outputs; a suite that fails is reported and the others go on;
-5. the results go to an MLflow evaluation run (metrics, per-item tables, the report), to the
+5. the driver scores the gathered outputs; a suite that fails is reported and the others go on;
+6. the results go to an MLflow evaluation run (metrics, per-item tables, the report), to the
    model version's tags, to `--json`, and to a terminal table.
 """
 
@@ -24,7 +27,7 @@ from typing import Any
 
 from pipeline import adapters, atomic, cluster, data, redact, strategies, tracking
 from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
-from pipeline.eval import catalog, report
+from pipeline.eval import applied, catalog, report
 from pipeline.eval.catalog import suite_names
 from pipeline.eval.judge import stage as judge_stage
 
@@ -111,6 +114,42 @@ def load_model(config: ExperimentConfig, ref: str | None, workdir: Path) -> tupl
     return strategies.load_trained(config, adapter_dir, device), tokenizer
 
 
+def check_adapter(config_dict: dict[str, Any], ref: str) -> dict[str, Any]:
+    """One task: load the adapter model `ref` and check that its adapter applies (`applied.check`)."""
+    import torch
+
+    config = ExperimentConfig.model_validate(config_dict)
+    torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
+    with tempfile.TemporaryDirectory(prefix="loraforge-check-") as tmp:
+        try:
+            adapter_dir = tracking.fetch_adapter(ref, config.tracking.tracking_uri, Path(tmp) / "adapter")
+            device = torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
+            model = strategies.load_trained(config, adapter_dir, device)
+            tokenizer = adapters.load_tokenizer(config.model, config.data)
+            return applied.check(config, model, tokenizer, adapter_dir).as_dict()
+        except Exception as err:  # an adapter PEFT cannot attach (target names that match nothing, no weights)
+            return applied.AdapterCheck(False, f"{ref}: cannot load the adapter: {err.__class__.__name__}: "
+                                               f"{str(err)[:2000]}").as_dict()
+
+
+def _check_adapters(config: ExperimentConfig, models: list[EvalModel]) -> dict[str, dict[str, Any]]:
+    """`check_adapter` for every model with an adapter, as Ray tasks side by side: role -> its check."""
+    import ray
+
+    train = config.train
+    task = ray.remote(num_cpus=train.cpus_per_worker, num_gpus=train.gpus_per_worker, max_retries=0)(check_adapter)
+    config_dict = config.model_dump(mode="json")
+    pending = {m.role: task.remote(config_dict, m.ref) for m in models if m.ref is not None}
+    checks = {role: ray.get(ref) for role, ref in pending.items()}
+    for role, found in checks.items():
+        if found["ok"]:
+            log.info("adapter check %s: %d LoRA layers, logits %.2e from the base's, merged %.2e from unmerged",
+                     role, found["lora_layers"], found["effect"], found["merge_diff"])
+        else:
+            log.error("adapter check %s FAILED: %s", role, found["reason"])
+    return checks
+
+
 def run_shard(config_dict: dict[str, Any], suite_name: str, ref: str | None, items: list[dict[str, Any]],
               label: str) -> dict[str, Any]:
     """One task: load the model and run one suite over one shard of its items."""
@@ -194,6 +233,14 @@ def run_stage(config: ExperimentConfig, *, model_ref: str | None = None, suite_l
         # the judge first: an unreachable one exits 2 before any generation
         judge = stack.enter_context(judge_stage.session(config)) if judge_names else None
         cluster.connect_ray(config)
+        results["adapters"] = _check_adapters(config, models)
+        for role, found in results["adapters"].items():
+            if not found["ok"]:
+                results["failed"]["adapter" if role == "candidate" else f"adapter:{role}"] = found["reason"]
+        if not results["adapters"].get("candidate", {"ok": True})["ok"]:
+            names, judge = [], None  # nothing is scored: the candidate would be the base again
+        models = [m for m in models if results["adapters"].get(m.role, {"ok": True})["ok"]]
+        judged = [m for m in judged if m in models]
         for name in names:
             if name not in judge_names:
                 _run_suite(config, name, models, results)

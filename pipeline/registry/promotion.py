@@ -25,6 +25,7 @@ from typing import Any
 from pipeline import tracking
 from pipeline.config import ConfigError, ExperimentConfig, GateCondition
 from pipeline.eval import stage
+from pipeline.eval.report import ADAPTER_CHECK_TAG
 
 log = logging.getLogger("loraforge")
 
@@ -131,7 +132,7 @@ def cached_results(mlflow_client: Any, candidate: Any, champion: Any, suites: se
     if str(results.get("model_version")) != str(candidate.version):
         return None
     scored = {s for s, per_model in results.get("suites", {}).items() if "candidate" in per_model}
-    if not suites <= scored or any(s in results.get("failed", {}) for s in suites):
+    if not suites <= scored or any(s in results.get("failed", {}) for s in [*suites, "adapter"]):
         return None
     champion_then = results.get("models", {}).get("champion", {}).get("version")
     if champion is not None and str(champion_then) != str(champion.version):
@@ -172,6 +173,9 @@ def promote(config: ExperimentConfig, *, force: bool = False, reason: str | None
     if candidate is None:
         raise ConfigError([f"--from: registered model {name!r} has no version with alias {spec.from_alias!r}; "
                            "run a sweep first (loraforge run) or pass --from ALIAS"])
+    if (check := candidate.tags.get(ADAPTER_CHECK_TAG, "")).startswith("failed"):
+        raise ConfigError([f"--from: version {candidate.version}'s adapter does not apply, so it is the base model "
+                           f"again and cannot be promoted, even with --force ({check.removeprefix('failed: ')})"])
     champion = _version_or_none(mlflow_client, name, spec.to_alias)
     if champion is not None and champion.version == candidate.version:
         raise ConfigError([f"--from: version {candidate.version} is already {spec.to_alias!r}"])

@@ -6,6 +6,7 @@ Test files import these from here, never from conftest.py (which holds fixtures 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -60,3 +61,31 @@ PLANTED_SECRETS = {"OPENAI_API_KEY": "sk-planted-0penai-key-4242", "HF_TOKEN": "
                    "MLFLOW_TRACKING_PASSWORD": "planted-tracking-pw-77"}
 PLANTED_URL_PASSWORD = "pl4nted-url-pass"
 PLANTED_JUDGE_KEY = "jk-planted-team-judge-5151"
+
+
+def e2e_config(tmp: Path, model: str, **eval_section) -> dict:
+    return {
+        "name": "eval-test",
+        "model": {"name_or_path": model},
+        "data": {"kind": "data_to_text", "train_path": str(head_jsonl("e2e/train.jsonl", tmp / "train.jsonl", 16)),
+                 "eval_path": str(head_jsonl("e2e/dev.jsonl", tmp / "dev.jsonl", 18))},
+        "lora": {"r": 4, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "eval": {"generation": {"max_new_tokens": 8, "batch_size": 4}, **eval_section},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "experiment_name": "eval-tests",
+                     "registered_model_name": "eval-test-lora"},
+        "ray": {"storage_path": str(tmp / "ray_results"), "num_cpus": 2, "warm_workers": False},
+    }
+
+
+def save_adapter(config: Any, out: Path) -> Path:
+    """A LoRA adapter with a non-zero B, so the candidate differs from the base."""
+    import torch
+
+    from pipeline import adapters
+
+    torch.manual_seed(0)
+    model = adapters.attach_lora(adapters.load_base_model(config.model, config.data), config.lora, config.data)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    return adapters.save_adapter(model, out, {"test": True})

@@ -1,0 +1,120 @@
+"""Does the adapter apply? Checked on a few probe inputs before a version is scored.
+
+lm-eval users found adapter evaluations equal to the base to the digit (an adapter path silently
+ignored); an adapter saved empty (ZeRO-3 without gathered weights, peft#2892) or never trained has
+B = 0 everywhere, so B·A changes nothing. Scoring such a version compares two copies of the base.
+So, on the first eval rows, the eval stage checks each adapter model:
+
+1. it is a PEFT model with LoRA layers attached;
+2. not every `lora_B` is zero (B is zero at initialisation: an adapter that was never trained);
+3. its logits differ from its base's (the same model with the adapter disabled) beyond a small
+   tolerance: the adapter changes the model;
+4. a merged copy (W0 + (alpha/r)·B·A folded in, as `loraforge export` writes it; for a 4-bit base,
+   merged into the dequantized weights the adapter trained against) gives the unmerged logits:
+   the export parity check.
+
+A model that fails is not scored; the stage reports it failed with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import data, strategies
+from pipeline.config import ExperimentConfig
+
+PROBES = 4
+# logits differences relative to the logits' own scale (max |logit|, at least 1)
+MIN_EFFECT = 1e-5  # below this, the adapter changes nothing
+MAX_MERGE_DIFF = 1e-4  # merged vs unmerged, full-precision base
+MAX_MERGE_DIFF_4BIT = 5e-2  # merged into the dequantized weights vs the 4-bit base computing in bf16/fp16
+
+
+@dataclass
+class AdapterCheck:
+    ok: bool
+    reason: str | None
+    lora_layers: int = 0
+    zero_b_layers: int = 0
+    effect: float = 0.0  # max |adapter - base| over the probes' logits, relative
+    merge_diff: float = 0.0  # max |merged - unmerged|, relative
+    probes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def probe_batch(config: ExperimentConfig, tokenizer: Any, n: int = PROBES) -> dict[str, torch.Tensor]:
+    """The first `n` eval rows, tokenized as training saw them."""
+    rows = data.load_split(config.data, "eval", config.train.seed)[:n]
+    return data.collate(data.tokenize_rows(config.data, rows, tokenizer), tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    return out.logits.float().cpu()
+
+
+def lora_b_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every LoRA layer's B matrix (the adapter's `lora_B.<name>.weight` parameters)."""
+    return [p for name, p in model.named_parameters() if ".lora_B." in name and name.endswith(".weight")]
+
+
+def merged_copy(config: ExperimentConfig, model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """The adapter folded into its base, as `loraforge export` merges it; `model` is left as it was."""
+    if strategies.quant_spec(config) is None:
+        return copy.deepcopy(model).merge_and_unload()
+    from peft import PeftModel
+
+    # merging into 4-bit weights would requantize: full-precision weights equal to the NF4 values the adapter
+    # saw in training, with the adapter loaded on top again (a second load: a 4-bit model does not deep-copy)
+    base = strategies.load_trained(config, adapter_dir).unload().dequantize().to(torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
+
+
+def check(config: ExperimentConfig, model: nn.Module, tokenizer: Any, adapter_dir: Path) -> AdapterCheck:
+    """The four checks above, in order; the first that fails gives the reason."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return AdapterCheck(False, f"{adapter_dir}: no adapter is attached (the model loaded is the bare base)")
+    b_weights = lora_b_weights(model)
+    zero = sum(1 for b in b_weights if b.numel() == 0 or not bool(b.detach().ne(0).any()))
+    result = AdapterCheck(True, None, lora_layers=len(b_weights), zero_b_layers=zero)
+    if not b_weights:
+        result.ok, result.reason = False, f"{adapter_dir}: no LoRA layer is attached (no lora_B weight in the model)"
+        return result
+    if zero == len(b_weights):
+        result.ok, result.reason = False, (
+            f"{adapter_dir}: every lora_B of its {len(b_weights)} LoRA layers is zero, so B·A adds nothing: the "
+            "adapter was never trained, or was saved empty (ZeRO-3 without gather_16bit_weights_on_model_save)")
+        return result
+    batch = probe_batch(config, tokenizer)
+    result.probes = int(batch["input_ids"].shape[0])
+    with_adapter = logits(model, batch)
+    with model.disable_adapter():
+        base = logits(model, batch)
+    scale = max(1.0, float(base.abs().max()))
+    result.effect = float((with_adapter - base).abs().max()) / scale
+    if result.effect <= MIN_EFFECT:
+        result.ok, result.reason = False, (
+            f"{adapter_dir}: the adapter does not change the model: on {result.probes} eval rows its logits equal "
+            f"the base's (max relative difference {result.effect:.2e} <= {MIN_EFFECT:g})")
+        return result
+    merged = merged_copy(config, model, adapter_dir)
+    result.merge_diff = float((logits(merged, batch) - with_adapter).abs().max()) / scale
+    del merged
+    limit = MAX_MERGE_DIFF if strategies.quant_spec(config) is None else MAX_MERGE_DIFF_4BIT
+    if result.merge_diff > limit:
+        result.ok, result.reason = False, (
+            f"{adapter_dir}: merged into its base the adapter gives other logits than unmerged (max relative "
+            f"difference {result.merge_diff:.2e} > {limit:g}): the export would not be this model")
+    return result
