@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline import jobs_cli
+from pipeline import jobs_cli, judge_cli
 from pipeline.cli_common import EXIT_CONFIG, fail_config, setup_logging  # noqa: F401 (EXIT_CONFIG: for callers)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA / QLoRA sweeps on Ray, tracked in MLflow.")
@@ -72,6 +72,7 @@ def run(
 
 app.command("submit")(jobs_cli.submit)
 app.add_typer(jobs_cli.jobs_app, name="jobs")
+app.add_typer(judge_cli.judge_app, name="judge")
 
 
 @app.command()

@@ -61,6 +61,8 @@ class Source(_Spec):
     blob: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Git blob hash of the source file.")
     member: str | None = Field(None, description="The member to read when the source is a zip archive.")
     member_blob: str | None = Field(None, pattern=r"^[0-9a-f]{40}$")
+    lines: tuple[int, int] | None = Field(None, description=(
+        "The file is these lines of the source (1-based, inclusive), byte for byte."))
 
 
 class Replace(_Spec):
@@ -324,7 +326,7 @@ def _from_url(url: str, staged: Path, label: str) -> None:
 
 def _from_public(entry: DataFile, staged: Path, scratch: Path) -> None:
     """Download from the public location; a source in another format is checked against its git blob, then converted."""
-    if entry.convert is None and entry.source.member is None:
+    if entry.convert is None and entry.source.member is None and entry.source.lines is None:
         _from_url(entry.url, staged, entry.path)  # the file itself: the sha256 check follows
         return
     raw_path = scratch / (entry.path.replace("/", "__") + ".source")
@@ -343,6 +345,9 @@ def _from_public(entry: DataFile, staged: Path, scratch: Path) -> None:
             raise Missing(f"cannot read {source.member} from the archive: {err}") from None
         if source.member_blob and (blob := git_blob_of(raw)) != source.member_blob:
             raise Missing(f"zip member {source.member} is git blob {blob}, not {source.member_blob}; refused")
+    if source.lines:
+        first, last = source.lines
+        raw = b"".join(raw.splitlines(keepends=True)[first - 1:last])
     try:
         staged.write_bytes(convert(raw, entry.convert) if entry.convert else raw)
     except (ValueError, KeyError, TypeError, IndexError, csv.Error) as err:

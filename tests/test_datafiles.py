@@ -261,6 +261,16 @@ def test_public_zip_member_is_read_and_checked(tmp_path: Path):
     assert (tmp_path / "root" / "toy" / "rows.jsonl").read_bytes() == made
 
 
+def test_public_line_range_is_cut_from_the_checked_source(tmp_path: Path):
+    """The GPT-4 judgments are lines 301-800 of FastChat's file: downloaded whole, blob-checked, cut byte for byte."""
+    ours = datafiles.require("mt_bench_gpt4_judgments/gpt-4_single.calib500.jsonl").read_bytes()
+    source = b"".join(b'{"question_id": %d, "skipped": true}\r\n' % i for i in range(300)) + ours
+    with Loopback({"/judgments.jsonl": source}) as server:
+        manifest = public_entry(server.url + "/judgments.jsonl", source, ours, None, lines=(301, 800))
+        datafiles.fetch([], root=tmp_path / "root", mirror="", use_public=True, manifest=manifest)
+    assert (tmp_path / "root" / "toy" / "rows.jsonl").read_bytes() == ours
+
+
 # --------------------------------------------------------------------------- files in the data root
 
 

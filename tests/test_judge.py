@@ -19,9 +19,6 @@ from pipeline.eval.judge.cache import ReplyCache
 from pipeline.eval.judge.client import JudgeClient
 from tests.support.openai_fake import FakeJudge, serve
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
 def spec(base_url: str, tmp: Path, **changes) -> JudgeSpec:
     root = data_root()
     values = dict(base_url=base_url, model="gpt-4o-fake", cache_dir=tmp / "cache", backoff_s=0.05, backoff_max_s=2.0,
@@ -42,8 +39,13 @@ def answers_for(questions: list[inputs.Question], *models: str) -> dict[str, dic
 
 
 def test_parser_reads_real_gpt4_judgments_as_fastchat_recorded():
-    rows = [json.loads(line) for line in (FIXTURES / "fastchat_gpt4_single_judgments.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and len({r["score"] for r in rows}) >= 5
+    """The 500 GPT-4 judgments of the data manifest (was: a committed 10-row excerpt): each reads to the score
+    FastChat recorded."""
+    from pipeline import datafiles
+
+    labels = datafiles.require("mt_bench_gpt4_judgments/gpt-4_single.calib500.jsonl")
+    rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert len(rows) == 500 and len({r["score"] for r in rows}) >= 10
     for row in rows:
         assert prompts.parse_rating(row["judgment"]) == row["score"], row["question_id"]
     # FastChat's fallbacks and where we differ: [N] after [[N]], decimals, off-scale is unparseable here

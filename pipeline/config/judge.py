@@ -76,7 +76,9 @@ class JudgeSpec(StrictModel):
         "judge_side_by_side: answers of other models graded with the candidate and the base in one prompt."))
     side_by_side_models: list[str] = Field(default_factory=lambda: ["base", "candidate"], description=(
         "judge_side_by_side: which scored models go in the prompt besides judge.side_by_side."))
-    seed: int = Field(0, description="Seeds the side-by-side order shuffle.")
+    seed: int = Field(0, description="Seeds the side-by-side order shuffle and the bootstrap intervals.")
+    bootstrap_resamples: int = Field(1000, ge=100, description=(
+        "Resamples for the bootstrap 95 % intervals of judge metrics (`loraforge judge calibrate`)."))
 
     @model_validator(mode="after")
     def _remote_needs_model(self) -> "JudgeSpec":

@@ -7,7 +7,8 @@ JSON bodies, `usage`, `logprobs` when asked, 401 without the right bearer key, 4
 - `faults`: request number (1-based, in arrival order) -> "400", "429", "500", "503", "hang", "malformed";
 - `always_fail`: a marker; any request whose messages contain it gets a 500, every time;
 - `no_rating`: a marker; replies to messages containing it have no rating (re-asks too);
-- `latency_s`: added to every request (the B11 benchmark).
+- `latency_s`: added to every request (the B11 benchmark);
+- `scripted`: the first user message -> the reply text (a test's own rule; re-asks get the same reply).
 
 Replies are deterministic in the messages: a rating or verdict derived from their hash, in the
 format the prompt asks for (FastChat's `[[n]]`, `[[A]]`/`[[B]]`/`[[C]]`, or `X: [[n]]` lines).
@@ -34,6 +35,7 @@ class FakeJudge:
     always_fail: str | None = None
     no_rating: str | None = None
     latency_s: float = 0.0
+    scripted: dict[str, str] = field(default_factory=dict)
     hang_s: float = 5.0
     retry_after: str = "1"
     requests: list[dict] = field(default_factory=list)  # every chat request body, in arrival order
@@ -44,6 +46,9 @@ class FakeJudge:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reply_text(self, messages: list[dict]) -> str:
+        first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
+        if first_user in self.scripted:
+            return self.scripted[first_user]
         text = "\n".join(m["content"] for m in messages)
         digest = int(hashlib.sha256(text.encode()).hexdigest(), 16)
         if self.no_rating and self.no_rating in text:
