@@ -345,6 +345,20 @@ def test_loraforge_eval_judges_every_mode_and_the_key_reaches_nothing(tmp_path: 
         assert {"question_id", "turn", "model", "mode", "score", "status"} <= set(item)
         assert item["status"] == "scored" and item["score"] is not None
     assert set(results["suites"]["judge_side_by_side"]) == {"base", "candidate", "ref:gpt-4"}
+    # every judge metric with its bootstrap interval over questions; pairwise with its length-controlled win rate
+    single = results["suites"]["judge_single"]["candidate"]
+    assert single["score_mean_low"] <= single["score_mean"] <= single["score_mean_high"]
+    assert "items_low" not in single and "score_mean_turn2_low" in single
+    pairwise = results["suites"]["judge_pairwise"]["candidate"]
+    assert pairwise["win_rate_adjusted_low"] <= pairwise["win_rate_adjusted"] <= pairwise["win_rate_adjusted_high"]
+    assert 0 <= pairwise["win_rate_lc"] <= 1 and "win_rate_lc_low" in pairwise
+    assert pairwise["swap_inconsistency"] == pytest.approx(1 - pairwise["consistency"])
+    pair_items = [it for it in results["items"] if it["suite"] == "judge_pairwise"]
+    for role, key in (("candidate", "length_candidate"), ("base", "length_opponent")):
+        # the answer's characters at the judged turn (the tiny model's 6 new tokens may decode to nothing)
+        assert [it[key] for it in pair_items] == [len(results["answers"][role][str(it["question_id"])][it["turn"] - 1])
+                                                  for it in pair_items]
+        assert pairwise[f"mean_{key}"] == pytest.approx(sum(it[key] for it in pair_items) / len(pair_items))
     assert set(results["answers"]) == {"candidate", "base"} and len(results["answers"]["base"]["101"]) == 2
     usage = results["judge"]
     assert usage["retries"] == 2 and usage["requests"] == len(fake.requests)
@@ -356,6 +370,8 @@ def test_loraforge_eval_judges_every_mode_and_the_key_reaches_nothing(tmp_path: 
     assert metrics["judge.single.candidate.score_mean"] == pytest.approx(
         results["suites"]["judge_single"]["candidate"]["score_mean"])
     assert {"judge.single.base.unparseable", "judge.pairwise.candidate.win_rate_adjusted",
+            "judge.pairwise.candidate.win_rate_adjusted_low", "judge.pairwise.candidate.win_rate_lc",
+            "judge.single.candidate.score_mean_high",
             "judge.pairwise.candidate.consistency", "judge.side_by_side.ref_gpt-4.score_mean", "judge.requests",
             "judge.cost_usd", "judge.prompt_tokens"} <= set(metrics)
     artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloaded")))
@@ -475,27 +491,37 @@ def test_bad_judge_input_exits_2_before_any_generation(case, judge, args, expect
 
 
 @pytest.mark.slow
-def test_the_offline_default_judge_is_transformers_serve_on_loopback(tmp_path: Path, tiny_causal_model: Path):
+def test_the_offline_default_judge_rates_every_item_on_loopback(tmp_path: Path, tiny_causal_model: Path):
+    """The rater (pipeline/eval/judge/rater.py) on the tiny model: every item scored, in the judge's format, with a
+    probability-weighted score over the scale; FastChat's pairwise verdict too; stopped with the stage."""
     import socket
 
     from pipeline.eval.judge import stage as judge_stage
     from tests.support.configs import write_yaml
 
     # timeout_s 60: the first request to a fresh server on a loaded 2-core machine took over the helper's 5 s
-    raw = instruct_config(tmp_path, str(tiny_causal_model), {"max_tokens": 24, "question_ids": [81], "turns": 1,
-                                                             "timeout_s": 60}, ["judge_single"])
+    raw = instruct_config(tmp_path, str(tiny_causal_model), {"question_ids": [81, 82], "turns": 2, "timeout_s": 60},
+                          ["judge_single"])
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
     assert config.judge.base_url is None
     with judge_stage.session(config) as judge:
         port = int(judge.endpoint.base_url.rsplit(":", 1)[1].split("/")[0])
         assert judge.endpoint.base_url.startswith("http://127.0.0.1:")
         assert judge.endpoint.judge_id.startswith("local:sha256:") and "/" not in judge.endpoint.judge_id
+        assert judge.endpoint.judge_id.endswith(":constrained-v1")
         questions = inputs.load_questions(config.judge)
-        items = grading.single(judge.client, inputs.load_judge_prompts(config.judge), questions,
-                               answers_for(questions, "candidate"), {})
+        judge_prompts = inputs.load_judge_prompts(config.judge)
+        items = grading.single(judge.client, judge_prompts, questions, answers_for(questions, "candidate"), {})
+        pairs = grading.pairwise(judge.client, judge_prompts, questions, answers_for(questions, "candidate", "base"),
+                                 {}, "base")
         usage = judge.client.usage
-    assert len(items) == 1 and items[0]["status"] in ("scored", "unparseable")
-    assert items[0]["attempts"][0]["judgment"] and usage.prompt_tokens > 300 and usage.completion_tokens > 0
+    assert len(items) == 4 and {it["status"] for it in items} == {"scored"}
+    for item in items:
+        assert item["judgment"] == f"Rating: [[{item['score']:g}]]" and 1 <= item["score"] <= 10
+        assert 1 <= item["weighted_score"] <= 10 and item["weighted_score"] != item["score"]
+    assert {it["status"] for it in pairs} == {"scored"}
+    assert all(it[g]["judgment"] in ("[[A]]", "[[B]]", "[[C]]") for it in pairs for g in ("g1", "g2"))
+    assert usage.prompt_tokens > 300 and usage.completion_tokens > 0 and usage.failed == 0
     with socket.socket() as sock:  # stopped with the stage
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 

@@ -32,7 +32,8 @@ class JudgeSpec(StrictModel):
 
     base_url: str | None = Field(None, description=(
         "e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 (vLLM, Ollama, TGI, transformers serve). "
-        "null: start `transformers serve` on loopback with judge.local_model and stop it afterwards."))
+        "null: the offline default, judge.local_model rating on loopback (ratings read from its own distribution, "
+        "constrained to the judge's format), stopped afterwards."))
     model: str | None = Field(None, description="Model name the server serves (required with base_url).")
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
         "Name of the environment variable holding the API key (the key itself never goes in a config)."))
@@ -78,7 +79,8 @@ class JudgeSpec(StrictModel):
         "judge_side_by_side: which scored models go in the prompt besides judge.side_by_side."))
     seed: int = Field(0, description="Seeds the side-by-side order shuffle and the bootstrap intervals.")
     bootstrap_resamples: int = Field(1000, ge=100, description=(
-        "Resamples for the bootstrap 95 % intervals of judge metrics (`loraforge judge calibrate`)."))
+        "Resamples for the bootstrap 95 % intervals of judge metrics: over questions in the stage "
+        "(`<metric>_low`, `<metric>_high`), over items in `loraforge judge calibrate`."))
 
     @model_validator(mode="after")
     def _remote_needs_model(self) -> "JudgeSpec":

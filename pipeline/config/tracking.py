@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import SAFE_NAME, StrictModel, no_traversal
-from pipeline.config.eval import SUITES
+from pipeline.config.eval import JUDGE_SUITES, SUITES
 
 
 class TrackingSpec(StrictModel):
@@ -64,10 +64,28 @@ class GateCondition(StrictModel):
         return self.metric.split(".", 1)[1]
 
 
+class JudgeCalibrationGate(StrictModel):
+    """What a gate on judge metrics asks of the judge: a `loraforge judge calibrate` run of this very judge."""
+
+    min_spearman: float | None = Field(None, ge=-1, le=1, description=(
+        "The judge's calibration run must show at least this Spearman with its labels (null: any calibration run)."))
+    use_lower_bound: bool = Field(False, description="Compare the lower bound of Spearman's 95 % interval, not "
+                                  "the point value.")
+
+
+# suites whose metrics carry bootstrap bounds (`<metric>_low`, `<metric>_high`), and the counts among them that do not
+INTERVAL_SUITES = JUDGE_SUITES
+COUNT_METRICS = ("items", "scored", "unparseable", "failed")
+
+
 class PromotionSpec(StrictModel):
     gate: list[GateCondition] = Field(default_factory=list, description=(
         "Conditions the candidate must meet to become champion; all must hold. Without a champion, the "
-        "absolute floors (min/max) decide."))
+        "absolute floors (min/max) decide. Judge metrics have interval bounds too, e.g. "
+        "`judge_pairwise.win_rate_adjusted_low`."))
+    judge_calibration: JudgeCalibrationGate = Field(default_factory=JudgeCalibrationGate, description=(
+        "A gate with judge metrics promotes only when the judge that produced them has a calibration run in the "
+        "tracking store (`loraforge judge calibrate`), with at least min_spearman when set."))
     from_alias: str = Field("candidate", pattern=r"^[A-Za-z0-9_-]+$", description="The alias promoted (--from).")
     to_alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$", description="The alias moved (--to).")
 
@@ -77,6 +95,17 @@ class PromotionSpec(StrictModel):
         if unknown:
             raise ValueError(f"registry.promotion.gate: unknown suite(s) {', '.join(unknown)}; metrics are "
                              f"`<suite>.<metric>` with a suite of {', '.join(SUITES)}")
+        for cond in self.gate:
+            base, _, bound = cond.name.rpartition("_")
+            if bound not in ("low", "high") or not base:
+                continue
+            if cond.suite not in INTERVAL_SUITES:
+                raise ValueError(f"registry.promotion.gate: {cond.metric} names an interval bound, but {cond.suite} "
+                                 f"metrics have none (only {', '.join(INTERVAL_SUITES)} do); gate on {cond.suite}."
+                                 f"{base} instead")
+            if base in COUNT_METRICS:
+                raise ValueError(f"registry.promotion.gate: {cond.metric}: {base} is a count, which has no interval; "
+                                 "gate on a rate or a mean (e.g. win_rate_adjusted_low, score_mean_low)")
         return self
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import ConfigError, ExperimentConfig, GateCondition
+from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig, GateCondition
 from pipeline.eval import stage
 from pipeline.eval.report import ADAPTER_CHECK_TAG
 
@@ -100,6 +100,37 @@ def check_gate(gate: list[GateCondition], candidate: dict[str, float], champion:
         checks.append(Check(cond.metric, label, value, other, passed,
                             f"{value:.4f} vs champion {other:.4f}: {'gain' if gain >= 0 else 'drop'} {abs(gain):.4f}"))
     return checks
+
+
+def calibration_check(mlflow_client: Any, results: dict[str, Any], spec: Any) -> Check:
+    """The judge behind the gate's judge metrics has a calibration run (`loraforge judge calibrate`), with at least
+    `spec.min_spearman` when set: else the judge's numbers are unmeasured and the gate does not pass."""
+    from pipeline.eval.judge.calibrate import KIND, KIND_TAG
+
+    judge_id = (results.get("judge") or {}).get("id")
+    condition = "judge calibrated" + (f", Spearman{' (lower bound)' if spec.use_lower_bound else ''} >= "
+                                      f"{spec.min_spearman:g}" if spec.min_spearman is not None else "")
+    if not judge_id:
+        return Check("judge", condition, None, None, False, "the evaluation names no judge")
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    quoted = judge_id.replace("'", "\\'")
+    runs = mlflow_client.search_runs(experiments, filter_string=f"tags.`{KIND_TAG}` = '{KIND}' and "
+                                     f"tags.`loraforge.judge.id` = '{quoted}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    if not runs:
+        return Check("judge", condition, None, None, False,
+                     f"judge {judge_id} has no calibration run, so its metrics are unmeasured: run `loraforge judge "
+                     "calibrate CONFIG --labels FILE` first (or promote with --force --reason)")
+    run = runs[0]
+    name = "spearman_low" if spec.use_lower_bound else "spearman"
+    value = run.data.metrics.get(name)
+    if spec.min_spearman is None:
+        return Check("judge", condition, value, None, True, f"calibration run {run.info.run_id}: {name} "
+                     f"{'undefined' if value is None else f'{value:.3f}'}")
+    passed = value is not None and value >= spec.min_spearman
+    return Check("judge", condition, value, None, passed,
+                 f"calibration run {run.info.run_id}: {name} {'undefined' if value is None else f'{value:.3f}'} "
+                 f"{'>=' if passed else '<'} {spec.min_spearman:g}")
 
 
 def flat_metrics(per_suite: dict[str, dict[str, dict[str, float]]], role: str) -> dict[str, float]:
@@ -183,6 +214,8 @@ def promote(config: ExperimentConfig, *, force: bool = False, reason: str | None
     results = evaluate(config, candidate, champion, suites) if suites else {"suites": {}, "_run_id": None}
     checks = check_gate(spec.gate, flat_metrics(results["suites"], "candidate"),
                         flat_metrics(results["suites"], "champion") if champion is not None else None)
+    if any(s in JUDGE_SUITES for s in suites):
+        checks.append(calibration_check(mlflow_client, results, spec.judge_calibration))
     decision = Decision(name, str(candidate.version), str(champion.version) if champion else None, checks,
                         results.get("_run_id"), gate=[c.model_dump(exclude_none=True) for c in spec.gate])
     if decision.passed or force:

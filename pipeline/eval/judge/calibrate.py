@@ -13,7 +13,9 @@ labeller saw it, and compares the judge's rating with the label:
 - agreement over the rated items: Spearman, Kendall tau-b, Pearson, mean absolute error, exact
   and within-1 rates, and the parse rate over all labelled items, each with a bootstrap 95 %
   interval (items resampled with replacement, `judge.bootstrap_resamples` times, seeded by
-  `judge.seed`);
+  `judge.seed`); where the judge returns log-probabilities for every rating it gave (OpenAI, vLLM,
+  the offline default), the same metrics again for its probability-weighted rating (G-Eval),
+  prefixed `weighted_`;
 - an MLflow run in the config's experiment (`loraforge.kind: judge_calibration`): the metrics
   plainly named with `_low`/`_high` bounds, the judge's identity (model, weights hash or server
   model id and endpoint, the prompts' sha256, decoding) and the labels' file and sha256 as tags,
@@ -196,10 +198,17 @@ def calibrate(config: ExperimentConfig, labels_path: Path, limit: int | None = N
     asks = [grading.Ask(messages(row, judge_prompts), prompts.parse_rating, "single") for row in labelled]
     grading.obtain_all(judge.client, asks, progress)
     ratings = [ask.value if ask.status == grading.SCORED else None for ask in asks]
+    weighted = [prompts.weighted_rating(ask.reply.logprobs, ask.reply.content)
+                if ask.status == grading.SCORED and ask.reply is not None else None for ask in asks]
     scores = [row.score for row in labelled]
-    metrics: dict[str, float | None] = dict(agreement(scores, ratings))
-    for name, (low, high) in bootstrap(scores, ratings, spec.bootstrap_resamples, spec.seed).items():
-        metrics[f"{name}_low"], metrics[f"{name}_high"] = low, high
+    metrics: dict[str, float | None] = {}
+    sets = [("", ratings)]
+    if any(r is not None for r in ratings) and all((w is None) == (r is None) for w, r in zip(weighted, ratings)):
+        sets.append(("weighted_", weighted))
+    for prefix, values in sets:
+        metrics.update({prefix + k: v for k, v in agreement(scores, values).items()})
+        for name, (low, high) in bootstrap(scores, values, spec.bootstrap_resamples, spec.seed).items():
+            metrics[f"{prefix}{name}_low"], metrics[f"{prefix}{name}_high"] = low, high
     items = []
     for row, ask in zip(labelled, asks):
         item = {"line": row.line, "question_id": row.question_id, "model": row.model, "turn": row.turn,
@@ -207,10 +216,8 @@ def calibrate(config: ExperimentConfig, labels_path: Path, limit: int | None = N
                 "attempts": ask.attempts}
         if ask.reason and ask.status != grading.SCORED:
             item["reason"] = ask.reason
-        if ask.status == grading.SCORED and ask.reply is not None:
-            weighted = prompts.weighted_rating(ask.reply.logprobs, ask.reply.content)
-            if weighted is not None:
-                item["weighted_rating"] = weighted
+        if (value := weighted[len(items)]) is not None:
+            item["weighted_rating"] = value
         items.append(item)
     counts = {"rows": len(rows), "labelled": len(labelled), "unlabelled": len(rows) - len(labelled),
               "rated": sum(r is not None for r in ratings),
@@ -218,7 +225,7 @@ def calibrate(config: ExperimentConfig, labels_path: Path, limit: int | None = N
               "failed": sum(a.status == grading.FAILED for a in asks)}
     usage = judge.client.usage.summary(spec)
     identity = {"name": judge.name, "model": judge.endpoint.model if spec.base_url else spec.local_model,
-                "id": judge.endpoint.judge_id, "base_url": spec.base_url or "local (transformers serve on 127.0.0.1)",
+                "id": judge.endpoint.judge_id, "base_url": spec.base_url or "local (the rater on 127.0.0.1)",
                 "prompts_sha256": sha256_file(spec.prompts_path),
                 "decoding": {"temperature": spec.temperature, "max_tokens": spec.max_tokens, "reasks": spec.reasks,
                              "logprobs": spec.logprobs},
@@ -231,9 +238,10 @@ def fmt(value: float | None) -> str:
 
 
 def table_rows(result: Calibration) -> list[dict[str, str]]:
+    names = [prefix + name for prefix in ("", "weighted_") for name in METRICS if prefix + name in result.metrics]
     return [{"metric": name, "value": fmt(result.metrics[name]),
              "95% interval": f"[{fmt(result.metrics[f'{name}_low'])}, {fmt(result.metrics[f'{name}_high'])}]"}
-            for name in METRICS]
+            for name in names]
 
 
 def scatter_png(result: Calibration, path: Path) -> Path:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.eval.judge import prompts
+from pipeline.eval.judge import prompts, uncertainty
 from pipeline.eval.judge.client import Failure, JudgeClient, Reply
 from pipeline.eval.judge.inputs import Question
 from pipeline.eval.suite import metric_name
@@ -165,17 +165,18 @@ def pairwise(client: JudgeClient, judge_prompts: dict[str, prompts.JudgePrompt],
                      prompts.parse_verdict, "pairwise")
             g2 = Ask(prompts.pair_messages(judge_prompts[name], asked, theirs, mine, turn, reference),
                      prompts.parse_verdict, "pairwise")
-            plan.append((q, turn, name, g1, g2))
-    obtain_all(client, [a for p in plan for a in p[3:]], progress)
+            plan.append((q, turn, name, g1, g2, len(mine[-1]), len(theirs[-1])))
+    obtain_all(client, [a for p in plan for a in p[3:5]], progress)
     items = []
-    for q, turn, name, g1, g2 in plan:
+    for q, turn, name, g1, g2, length_candidate, length_opponent in plan:
         # FastChat's g1_winner / g2_winner, in model terms
         g1_winner = {"A": "candidate", "B": opponent}.get(g1.value, g1.value)
         g2_winner = {"A": opponent, "B": "candidate"}.get(g2.value, g2.value)
         states = {g1.status, g2.status}
         status = FAILED if FAILED in states else UNPARSEABLE if UNPARSEABLE in states else SCORED
         item = _item("pairwise", "candidate", q, turn, opponent=opponent, judge_prompt=name, status=status,
-                     g1_winner=g1_winner, g2_winner=g2_winner, g1=_state(g1), g2=_state(g2), score=None)
+                     g1_winner=g1_winner, g2_winner=g2_winner, g1=_state(g1), g2=_state(g2), score=None,
+                     length_candidate=length_candidate, length_opponent=length_opponent)
         if status == SCORED:
             # a win needs both orders to agree; disagreement, or a tie first, is a tie
             verdict = ("win" if g1_winner == g2_winner == "candidate" else
@@ -196,7 +197,12 @@ def pairwise_metrics(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]
         wins, ties, losses = (sum(it["verdict"] == v for it in scored) for v in ("win", "tie", "loss"))
         metrics.update(win_rate=wins / n, tie_rate=ties / n, loss_rate=losses / n,
                        win_rate_adjusted=(wins + 0.5 * ties) / n,
-                       consistency=sum(it["consistent"] for it in scored) / n)
+                       consistency=sum(it["consistent"] for it in scored) / n,
+                       swap_inconsistency=sum(not it["consistent"] for it in scored) / n)
+        if all("length_candidate" in it for it in scored):  # items judged before lengths were recorded lack them
+            metrics.update(win_rate_lc=uncertainty.length_controlled_win_rate(scored),
+                           mean_length_candidate=statistics.fmean(it["length_candidate"] for it in scored),
+                           mean_length_opponent=statistics.fmean(it["length_opponent"] for it in scored))
     return {"candidate": metrics}
 
 

