@@ -20,7 +20,6 @@ be the one loraforge's own E2E metrics import in the test process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,14 +40,6 @@ WHEEL_BINARIES = {
 
 class OracleUnavailable(RuntimeError):
     """Something the official script needs is missing; says how to get it."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_requirements() -> None:
@@ -87,7 +78,7 @@ def build(dest: Path) -> Path:
     wheel = Path(list(spec.submodule_search_locations)[0]).parent
     for rel, sha in WHEEL_BINARIES.items():
         source = wheel / rel
-        if not source.is_file() or _sha256(source) != sha:
+        if not source.is_file() or datafiles.sha256_of(source) != sha:
             raise OracleUnavailable(f"{source}: missing or not the pycocoevalcap 1.2 file (sha256 {sha})")
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest / rel)

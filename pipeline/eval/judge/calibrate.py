@@ -70,19 +70,9 @@ def sha256_file(path: Path) -> str:
 
 def load_labels(path: Path, judge_prompts: dict[str, prompts.JudgePrompt], limit: int | None = None) -> list[Label]:
     """The labelled rows of a FastChat single-answer judgment file; InputError naming the file and line."""
-    if not path.is_file():
-        raise InputError(f"--labels: file {str(path)!r} not found")
     labels = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in inputs.jsonl_rows(path, "--labels"):
         where = f"--labels: {path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: not a JSON object")
         judge = row.get("judge")
         if not (isinstance(judge, list) and len(judge) == 2 and all(isinstance(j, str) for j in judge)):
             raise InputError(f"{where}: `judge` must be [judge name, prompt name], as FastChat writes it")
@@ -103,8 +93,6 @@ def load_labels(path: Path, judge_prompts: dict[str, prompts.JudgePrompt], limit
                              "(-1 marks a row without a label)")
         labels.append(Label(number, int(row.get("question_id", -1)), str(row.get("model", "")), int(row.get("turn", 1)),
                             name, user_prompt, None if score == -1 else float(score)))
-    if not labels:
-        raise InputError(f"--labels: {path} has no rows")
     return labels[:limit]
 
 

@@ -26,7 +26,8 @@ class Question:
     turns: tuple[str, ...]
 
 
-def _rows(path: Path, field: str) -> list[tuple[int, dict[str, Any]]]:
+def jsonl_rows(path: Path, field: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON Lines file; InputError naming `field`, file and line."""
     if not path.is_file():
         raise InputError(f"{field}: {path} not found")
     rows = []
@@ -56,7 +57,7 @@ def load_questions(spec: JudgeSpec) -> list[Question]:
     """MT-Bench's question.jsonl, or any JSONL with question_id and `turns` (list) or `prompt` (string)."""
     field = "judge.questions_path"
     questions, seen = [], set()
-    for number, row in _rows(spec.questions_path, field):
+    for number, row in jsonl_rows(spec.questions_path, field):
         where = f"{field}: {spec.questions_path}:{number}"
         qid = _question_id(row, where)
         turns = row.get("turns")
@@ -81,7 +82,7 @@ def load_questions(spec: JudgeSpec) -> list[Question]:
 def load_answers(path: Path, field: str) -> dict[int, list[str]]:
     """question_id -> the turns' answers: FastChat `model_answer` rows (choices[0].turns) or `answer` / `turns`."""
     answers = {}
-    for number, row in _rows(path, field):
+    for number, row in jsonl_rows(path, field):
         where = f"{field}: {path}:{number}"
         qid = _question_id(row, where)
         if isinstance(row.get("choices"), list) and row["choices"] and isinstance(row["choices"][0], dict):
