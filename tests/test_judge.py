@@ -361,6 +361,7 @@ def test_loraforge_eval_judges_every_mode_and_the_key_reaches_nothing(tmp_path: 
         assert pairwise[f"mean_{key}"] == pytest.approx(sum(it[key] for it in pair_items) / len(pair_items))
     assert set(results["answers"]) == {"candidate", "base"} and len(results["answers"]["base"]["101"]) == 2
     usage = results["judge"]
+    assert usage["calibration"] is None  # no `loraforge judge calibrate` run of this judge in the store
     assert usage["retries"] == 2 and usage["requests"] == len(fake.requests)
     assert usage["cost_usd"] == pytest.approx((usage["prompt_tokens"] * 2.5 + usage["completion_tokens"] * 10) / 1e6)
 

@@ -122,6 +122,18 @@ def test_calibration_reports_the_agreement_computed_independently(tmp_path: Path
     assert [it["rating"] for it in items] == ratings  # every item kept, the unrated with no rating given
     assert {it["status"] for it in items if it["rating"] is None} == {"unparseable"}
     assert "spearman" in out.output and "95% interval" in out.output
+    # what the eval stage's report then says of this judge (pipeline/eval/judge/stage.py looks the run up)
+    from pipeline.eval.report import judge_line
+
+    judge_id = tags["loraforge.judge.id"]
+    found = calibrate.summary(calibrate.latest_run(client, judge_id))
+    assert found["run_id"] == runs[1].info.run_id and found["spearman"] == pytest.approx(expected["spearman"])
+    usage = {"name": "gpt-4o-fake", "base_url": "u", "requests": 0, "retries": 0, "failed_requests": 0, "cached": 0,
+             "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "judge_seconds": 1.0}
+    line = judge_line({**usage, "calibration": found})
+    assert f"calibrated against {LIMIT} labels (gpt-4_single.calib500.jsonl): Spearman {expected['spearman']:.3f} [" in line
+    assert "agreement is unmeasured" in judge_line({**usage, "calibration": None})
+    assert calibrate.latest_run(client, "another-judge@http://x:1/v1") is None
 
 
 @pytest.mark.parametrize("line, fix", [

@@ -102,10 +102,23 @@ def failure_label(key: str) -> str:
 
 
 def judge_line(judge: dict[str, Any]) -> str:
-    return (f"judge {judge['name']} ({judge['base_url']}): {judge['requests']} requests ({judge['retries']} retries, "
+    line = (f"judge {judge['name']} ({judge['base_url']}): {judge['requests']} requests ({judge['retries']} retries, "
             f"{judge['failed_requests']} failed), {judge['cached']} from the cache, {judge['prompt_tokens']} prompt + "
             f"{judge['completion_tokens']} completion tokens, ${judge['cost_usd']:.4f}; "
             f"judging took {judge['judge_seconds']:.1f} s")
+    calibration = judge.get("calibration")
+    if not calibration:
+        return line + "; no calibration run of this judge (`loraforge judge calibrate`): its agreement is unmeasured"
+
+    def bounded(name: str) -> str:
+        value, low, high = (calibration.get(k) for k in (name, f"{name}_low", f"{name}_high"))
+        if value is None:
+            return "undefined"
+        return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
+    weighted = f", probability-weighted {bounded('weighted_spearman')}" if calibration.get("weighted_spearman") else ""
+    return (line + f"; calibrated against {calibration.get('labelled') or 0:.0f} labels ({calibration['labels']}): Spearman "
+            f"{bounded('spearman')}{weighted} (run {calibration['run_id']})")
 
 
 def metrics_png(suite_name: str, per_model: dict[str, dict[str, float]], path: Path) -> Path:

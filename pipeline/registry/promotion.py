@@ -105,23 +105,18 @@ def check_gate(gate: list[GateCondition], candidate: dict[str, float], champion:
 def calibration_check(mlflow_client: Any, results: dict[str, Any], spec: Any) -> Check:
     """The judge behind the gate's judge metrics has a calibration run (`loraforge judge calibrate`), with at least
     `spec.min_spearman` when set: else the judge's numbers are unmeasured and the gate does not pass."""
-    from pipeline.eval.judge.calibrate import KIND, KIND_TAG
+    from pipeline.eval.judge.calibrate import latest_run
 
     judge_id = (results.get("judge") or {}).get("id")
     condition = "judge calibrated" + (f", Spearman{' (lower bound)' if spec.use_lower_bound else ''} >= "
                                       f"{spec.min_spearman:g}" if spec.min_spearman is not None else "")
     if not judge_id:
         return Check("judge", condition, None, None, False, "the evaluation names no judge")
-    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
-    quoted = judge_id.replace("'", "\\'")
-    runs = mlflow_client.search_runs(experiments, filter_string=f"tags.`{KIND_TAG}` = '{KIND}' and "
-                                     f"tags.`loraforge.judge.id` = '{quoted}'",
-                                     order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
-    if not runs:
+    run = latest_run(mlflow_client, judge_id)
+    if run is None:
         return Check("judge", condition, None, None, False,
                      f"judge {judge_id} has no calibration run, so its metrics are unmeasured: run `loraforge judge "
                      "calibrate CONFIG --labels FILE` first (or promote with --force --reason)")
-    run = runs[0]
     name = "spearman_low" if spec.use_lower_bound else "spearman"
     value = run.data.metrics.get(name)
     if spec.min_spearman is None:

@@ -265,6 +265,27 @@ def report_md(result: Calibration) -> str:
     return "\n".join(lines)
 
 
+def latest_run(mlflow_client: Any, judge_id: str) -> Any:
+    """The newest calibration run of the judge `judge_id` in the tracking store, or None."""
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    if not experiments:
+        return None
+    quoted = judge_id.replace("'", "\\'")
+    runs = mlflow_client.search_runs(experiments, filter_string=f"tags.`{KIND_TAG}` = '{KIND}' and "
+                                     f"tags.`loraforge.judge.id` = '{quoted}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def summary(run: Any) -> dict[str, Any]:
+    """What the stage's report says of a judge's calibration: its run, labels and agreement with intervals."""
+    metrics = run.data.metrics
+    return {"run_id": run.info.run_id, "labels": Path(run.data.tags.get("loraforge.calibration.labels", "")).name,
+            "labelled": metrics.get("labelled"),
+            **{k: metrics.get(k) for k in ("spearman", "spearman_low", "spearman_high", "weighted_spearman",
+                                            "weighted_spearman_low", "weighted_spearman_high", "mae", "parse_rate")}}
+
+
 def log_run(config: ExperimentConfig, result: Calibration, out_dir: Path | None = None) -> str:
     """The calibration as an MLflow run: metrics, the judge's identity as tags, the report, plot and items."""
     from mlflow.entities import Metric

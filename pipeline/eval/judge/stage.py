@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 
 from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
 from pipeline.eval import mt_bench
-from pipeline.eval.judge import grading, inputs, uncertainty
+from pipeline import tracking
+from pipeline.eval.judge import calibrate, grading, inputs, uncertainty
 from pipeline.eval.judge.cache import ReplyCache
 from pipeline.eval.judge.client import JudgeClient, JudgeUnavailable, api_key
 from pipeline.eval.judge.server import Endpoint, local_judge, remote_judge_id
@@ -147,7 +148,9 @@ def run(config: ExperimentConfig, names: list[str], judge: Session, roles: list[
                                    f"{failed:.0f} failed), over judge.max_failed_fraction={spec.max_failed_fraction:g}; "
                                    "every item is in the results")
     usage = judge.client.usage.summary(spec)
+    calibrated = calibrate.latest_run(tracking.client(config.tracking.tracking_uri), judge.endpoint.judge_id)
     out["judge"] = {"name": judge.name, "id": judge.endpoint.judge_id,
+                    "calibration": calibrate.summary(calibrated) if calibrated is not None else None,
                     "base_url": spec.base_url or "local (the rater on 127.0.0.1)",
                     "pairwise_against": spec.pairwise_against, "questions": len(questions),
                     "answer_seconds": answer_seconds, "judge_seconds": time.perf_counter() - judged_began, **usage}
