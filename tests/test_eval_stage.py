@@ -348,6 +348,19 @@ def test_bad_eval_input_exits_2_before_any_model_runs(args, change, expected, tm
     assert expected in " ".join(result.output.split()), result.output
 
 
+def test_an_adapter_folder_without_weights_exits_2_naming_the_file(tmp_path: Path, tiny_causal_model: Path):
+    config = write_yaml(tmp_path / "c.yaml", e2e_config(tmp_path, str(tiny_causal_model)))
+    adapter = save_adapter(load_config(config, env={}), tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(b"")
+    empty = runner.invoke(app, ["eval", str(config), "--model", str(adapter)])
+    assert empty.exit_code == 2 and f"({weights} is empty)" in " ".join(empty.output.split()), empty.output
+    weights.unlink()
+    missing = runner.invoke(app, ["eval", str(config), "--model", str(adapter)])
+    assert missing.exit_code == 2 and f"({weights} is missing)" in " ".join(missing.output.split()), missing.output
+    assert "Traceback" not in empty.output + missing.output
+
+
 def test_gguf_that_does_not_parse_and_e2e_without_java_exit_2(tmp_path: Path, tiny_causal_model: Path, monkeypatch):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)

@@ -77,7 +77,14 @@ def pin(ref: str, tracking_uri: str) -> tuple[str, str | None]:
         name, _, version = name.partition("/")
         mlflow_client.get_model_version(name, version)  # fails now, not in a task, if it is not there
         return ref, version
-    if ref.startswith("runs:/") or Path(ref).is_dir():
+    if Path(ref).is_dir():
+        weights = tracking.adapter_dir(Path(ref)) / "adapter_model.safetensors"
+        if not weights.is_file() or weights.stat().st_size == 0:
+            raise ConfigError([f"--model: {ref} is a folder without adapter weights ({weights} is "
+                               f"{'empty' if weights.is_file() else 'missing'}); give a PEFT adapter folder "
+                               "(adapter_config.json + adapter_model.safetensors), a models:/ or a runs:/ URI"])
+        return ref, None
+    if ref.startswith("runs:/"):
         return ref, None
     raise ConfigError([f"--model: {ref!r} is neither an adapter folder nor a models:/ or runs:/ URI"])
 
