@@ -476,13 +476,17 @@ def test_bad_judge_input_exits_2_before_any_generation(case, judge, args, expect
     (tmp_path / "r.jsonl").write_text('{"question_id": 1, "choices": [{"turns": ["ok"]}]}\nnot json\n')
     judge = {k: {"QUESTIONS": str(tmp_path / "q.jsonl"), "REFERENCES": str(tmp_path / "r.jsonl")}.get(v, v)
              for k, v in judge.items()}
+    from tests.support.configs import e2e_config, save_adapter
+
+    adapter = save_adapter(load_config(write_yaml(tmp_path / "a.yaml", e2e_config(tmp_path, str(tiny_causal_model))),
+                                       env={}), tmp_path / "adapter")
     with serve(FakeJudge()) as url:
         raw = instruct_config(tmp_path, str(tiny_causal_model),
                               {"base_url": url, "model": "gpt-4o-fake", "question_ids": None, **judge},
                               ["judge_single", "judge_pairwise"])
         raw["judge"].pop("question_ids")
         result = CliRunner().invoke(app, ["eval", str(write_yaml(tmp_path / "c.yaml", raw)), *args,
-                                          "--model", str(tmp_path)])
+                                          "--model", str(adapter)])
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split()), result.output
     if case == "bad questions":
