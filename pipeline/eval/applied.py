@@ -11,7 +11,8 @@ So, on the first eval rows, the eval stage checks each adapter model:
    tolerance: the adapter changes the model;
 4. a merged copy (W0 + (alpha/r)·B·A folded in, as `loraforge export` writes it; for a 4-bit base,
    merged into the dequantized weights the adapter trained against) gives the unmerged logits:
-   the export parity check.
+   the export parity check (to 1e-4 of the logits' scale; for a 4-bit base, whose bf16 compute
+   differs from the dequantized fp32 merge, to a quarter of the adapter's own effect).
 
 A model that fails is not scored; the stage reports it failed with the reason.
 """
@@ -33,7 +34,9 @@ PROBES = 4
 # logits differences relative to the logits' own scale (max |logit|, at least 1)
 MIN_EFFECT = 1e-5  # below this, the adapter changes nothing
 MAX_MERGE_DIFF = 1e-4  # merged vs unmerged, full-precision base
-MAX_MERGE_DIFF_4BIT = 5e-2  # merged into the dequantized weights vs the 4-bit base computing in bf16/fp16
+# merged into the dequantized weights vs the 4-bit base computing in bf16/fp16: the difference grows with the
+# model's depth (3.6e-2 on SmolLM2-135M's 30 layers), so it is bounded by a share of the adapter's own effect
+MERGE_SHARE_4BIT = 0.25
 
 
 @dataclass
@@ -112,9 +115,9 @@ def check(config: ExperimentConfig, model: nn.Module, tokenizer: Any, adapter_di
     merged = merged_copy(config, model, adapter_dir)
     result.merge_diff = float((logits(merged, batch) - with_adapter).abs().max()) / scale
     del merged
-    limit = MAX_MERGE_DIFF if strategies.quant_spec(config) is None else MAX_MERGE_DIFF_4BIT
+    limit = MAX_MERGE_DIFF if strategies.quant_spec(config) is None else MERGE_SHARE_4BIT * result.effect
     if result.merge_diff > limit:
         result.ok, result.reason = False, (
             f"{adapter_dir}: merged into its base the adapter gives other logits than unmerged (max relative "
-            f"difference {result.merge_diff:.2e} > {limit:g}): the export would not be this model")
+            f"difference {result.merge_diff:.2e} > {limit:.2e}): the export would not be this model")
     return result
