@@ -363,7 +363,14 @@ def test_the_readme_snippet_with_plain_transformers_and_peft_scores_what_the_cla
     base_dir = subprocess.run(["bash", "-c", how.replace("python", sys.executable, 1)], capture_output=True, text=True,
                               check=True).stdout.strip()
     namespace = {"BASE_MODEL_DIR": base_dir}
-    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    import mlflow
+
+    try:
+        exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    finally:
+        # the snippet's mlflow.set_tracking_uri is process-wide and exports MLFLOW_TRACKING_URI, which
+        # load_config reads: left set, it points every later test's config at this store
+        mlflow.set_tracking_uri(None)
     model = namespace["model"].eval()
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
