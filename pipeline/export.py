@@ -35,9 +35,12 @@ class MergeReport:
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on `batch` in eval mode, as float32 on the CPU (the batch moved to the model's device)."""
     model.eval()
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    return out.logits.float().cpu()
 
 
 def sample_batch(config: ExperimentConfig, tokenizer: object, n: int = 32) -> dict[str, torch.Tensor]:
@@ -45,9 +48,21 @@ def sample_batch(config: ExperimentConfig, tokenizer: object, n: int = 32) -> di
     return data.collate(data.tokenize_rows(config.data, rows, tokenizer), tokenizer.pad_token_id)  # type: ignore[attr-defined]
 
 
+def merged_model(config: ExperimentConfig, unmerged: nn.Module, adapter_dir: Path) -> nn.Module:
+    """`unmerged` (base + the adapter in `adapter_dir`) with the adapter folded in; `unmerged` is used up.
+
+    Merging into 4-bit weights would requantize: for QLoRA the base becomes full-precision weights equal to
+    the NF4 values the adapter saw in training, with the adapter loaded on top again, then merged."""
+    from peft import PeftModel
+
+    if strategies.quant_spec(config) is not None:
+        base = unmerged.unload().dequantize().to(torch.float32)
+        unmerged = PeftModel.from_pretrained(base, str(adapter_dir))
+    return unmerged.merge_and_unload()
+
+
 def merge(adapter_dir: Path, config: ExperimentConfig, out_dir: Path, num_examples: int = 32) -> MergeReport:
     """Write base+adapter merged as safetensors (+ tokenizer) into `out_dir`; raise if outputs disagree."""
-    from peft import PeftModel
 
     tokenizer = adapters.load_tokenizer(config.model, config.data)
     batch = sample_batch(config, tokenizer, num_examples)
@@ -55,15 +70,10 @@ def merge(adapter_dir: Path, config: ExperimentConfig, out_dir: Path, num_exampl
 
     # the reference: the adapter on the base it was trained with (4-bit for QLoRA)
     unmerged = strategies.load_trained(config, adapter_dir)
-    expected = _outputs(unmerged, batch)
+    expected = logits(unmerged, batch)
 
-    if quantized:
-        # merging into 4-bit weights would requantize; instead, full-precision weights equal to
-        # the NF4 values the adapter saw in training, with the adapter loaded on top again
-        base = unmerged.unload().dequantize().to(torch.float32)
-        unmerged = PeftModel.from_pretrained(base, str(adapter_dir))
-    merged = unmerged.merge_and_unload()
-    got = _outputs(merged, batch)
+    merged = merged_model(config, unmerged, adapter_dir)
+    got = logits(merged, batch)
     diff = float((got - expected).abs().max())
 
     out_dir = Path(out_dir)

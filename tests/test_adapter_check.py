@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import adapters, strategies
+from pipeline import adapters, export, strategies
 from pipeline.config import load_config
 from pipeline.eval import applied
 from tests.support.configs import e2e_config, save_adapter, write_yaml
@@ -91,13 +91,13 @@ def test_the_base_of_a_classifier_is_the_same_in_every_run_and_follows_the_seed(
 
     config = ExperimentConfig.model_validate(minilm_config(tmp_path, sst2_small))
     tokenizer = adapters.load_tokenizer(config.model, config.data)
-    batch = applied.probe_batch(config, tokenizer, 8)
+    batch = export.sample_batch(config, tokenizer, 8)
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    first = applied.logits(strategies.load_trained(config, None), batch)
+    first = export.logits(strategies.load_trained(config, None), batch)
     assert torch.equal(torch.random.get_rng_state(), state)
     torch.manual_seed(999)  # whatever the process drew before
-    again = applied.logits(strategies.load_trained(config, None), batch)
+    again = export.logits(strategies.load_trained(config, None), batch)
     assert torch.equal(first, again)
     other_seed = config.model_copy(update={"train": config.train.model_copy(update={"seed": 1})})
-    assert not torch.equal(first, applied.logits(strategies.load_trained(other_seed, None), batch))
+    assert not torch.equal(first, export.logits(strategies.load_trained(other_seed, None), batch))

@@ -54,10 +54,10 @@ def test_merged_model_matches_unmerged_outputs(tmp_path: Path, sst2_small, strat
     assert not any("lora" in name for name, _ in merged.named_parameters())
     tokenizer = adapters.load_tokenizer(config.model, config.data)
     batch = export.sample_batch(config, tokenizer)
-    base_out = export._outputs(adapters.load_base_model(config.model, config.data), batch)
-    unmerged = export._outputs(adapters.load_adapter_model(adapter_dir, config.model, config.data,
+    base_out = export.logits(adapters.load_base_model(config.model, config.data), batch)
+    unmerged = export.logits(adapters.load_adapter_model(adapter_dir, config.model, config.data,
                                                            base=strategies.inference_base(config)), batch)
-    merged_out = export._outputs(merged, batch)
+    merged_out = export.logits(merged, batch)
     assert float((merged_out - unmerged).abs().max()) < tolerance
     # and the adapter matters far more than the merge error (the comparison could fail)
     assert float((unmerged - base_out).abs().max()) > 20 * report.max_abs_diff

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import data, strategies
+from pipeline import export, strategies
 from pipeline.config import ExperimentConfig
 
 PROBES = 4
@@ -53,19 +53,6 @@ class AdapterCheck:
         return asdict(self)
 
 
-def probe_batch(config: ExperimentConfig, tokenizer: Any, n: int = PROBES) -> dict[str, torch.Tensor]:
-    """The first `n` eval rows, tokenized as training saw them."""
-    rows = data.load_split(config.data, "eval", config.train.seed)[:n]
-    return data.collate(data.tokenize_rows(config.data, rows, tokenizer), tokenizer.pad_token_id)
-
-
-@torch.no_grad()
-def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-    return out.logits.float().cpu()
-
-
 def lora_b_weights(model: nn.Module) -> list[torch.Tensor]:
     """Every LoRA layer's B matrix (the adapter's `lora_B.<name>.weight` parameters)."""
     return [p for name, p in model.named_parameters() if ".lora_B." in name and name.endswith(".weight")]
@@ -73,14 +60,9 @@ def lora_b_weights(model: nn.Module) -> list[torch.Tensor]:
 
 def merged_copy(config: ExperimentConfig, model: nn.Module, adapter_dir: Path) -> nn.Module:
     """The adapter folded into its base, as `loraforge export` merges it; `model` is left as it was."""
-    if strategies.quant_spec(config) is None:
-        return copy.deepcopy(model).merge_and_unload()
-    from peft import PeftModel
-
-    # merging into 4-bit weights would requantize: full-precision weights equal to the NF4 values the adapter
-    # saw in training, with the adapter loaded on top again (a second load: a 4-bit model does not deep-copy)
-    base = strategies.load_trained(config, adapter_dir).unload().dequantize().to(torch.float32)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
+    # a copy to use up: a 4-bit model does not deep-copy, so it is loaded a second time
+    copied = copy.deepcopy(model) if strategies.quant_spec(config) is None else strategies.load_trained(config, adapter_dir)
+    return export.merged_model(config, copied, adapter_dir)
 
 
 def check(config: ExperimentConfig, model: nn.Module, tokenizer: Any, adapter_dir: Path) -> AdapterCheck:
@@ -100,11 +82,11 @@ def check(config: ExperimentConfig, model: nn.Module, tokenizer: Any, adapter_di
             f"{adapter_dir}: every lora_B of its {len(b_weights)} LoRA layers is zero, so B·A adds nothing: the "
             "adapter was never trained, or was saved empty (ZeRO-3 without gather_16bit_weights_on_model_save)")
         return result
-    batch = probe_batch(config, tokenizer)
+    batch = export.sample_batch(config, tokenizer, PROBES)  # the first eval rows, tokenized as training saw them
     result.probes = int(batch["input_ids"].shape[0])
-    with_adapter = logits(model, batch)
+    with_adapter = export.logits(model, batch)
     with model.disable_adapter():
-        base = logits(model, batch)
+        base = export.logits(model, batch)
     scale = max(1.0, float(base.abs().max()))
     result.effect = float((with_adapter - base).abs().max()) / scale
     if result.effect <= MIN_EFFECT:
@@ -113,7 +95,7 @@ def check(config: ExperimentConfig, model: nn.Module, tokenizer: Any, adapter_di
             f"the base's (max relative difference {result.effect:.2e} <= {MIN_EFFECT:g})")
         return result
     merged = merged_copy(config, model, adapter_dir)
-    result.merge_diff = float((logits(merged, batch) - with_adapter).abs().max()) / scale
+    result.merge_diff = float((export.logits(merged, batch) - with_adapter).abs().max()) / scale
     del merged
     limit = MAX_MERGE_DIFF if strategies.quant_spec(config) is None else MERGE_SHARE_4BIT * result.effect
     if result.merge_diff > limit:

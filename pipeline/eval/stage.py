@@ -112,13 +112,19 @@ def models_to_score(config: ExperimentConfig, model_ref: str | None, trials: lis
 
 def load_model(config: ExperimentConfig, ref: str | None, workdir: Path) -> tuple[Any, Any]:
     """(model, tokenizer): the base as the trials trained against it, with the adapter `ref` on top if given."""
+    model, tokenizer, _ = _load(config, ref, workdir)
+    return model, tokenizer
+
+
+def _load(config: ExperimentConfig, ref: str | None, workdir: Path) -> tuple[Any, Any, Path | None]:
+    """`load_model`, and the adapter folder it fetched into `workdir` (None without `ref`)."""
     import torch
 
     tokenizer = adapters.load_tokenizer(config.model, config.data)
     # a task asking for a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); without one, the CPU
     device = torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
     adapter_dir = None if ref is None else tracking.fetch_adapter(ref, config.tracking.tracking_uri, workdir / "adapter")
-    return strategies.load_trained(config, adapter_dir, device), tokenizer
+    return strategies.load_trained(config, adapter_dir, device), tokenizer, adapter_dir
 
 
 def check_adapter(config_dict: dict[str, Any], ref: str) -> dict[str, Any]:
@@ -129,10 +135,7 @@ def check_adapter(config_dict: dict[str, Any], ref: str) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
     with tempfile.TemporaryDirectory(prefix="loraforge-check-") as tmp:
         try:
-            adapter_dir = tracking.fetch_adapter(ref, config.tracking.tracking_uri, Path(tmp) / "adapter")
-            device = torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
-            model = strategies.load_trained(config, adapter_dir, device)
-            tokenizer = adapters.load_tokenizer(config.model, config.data)
+            model, tokenizer, adapter_dir = _load(config, ref, Path(tmp))
             return applied.check(config, model, tokenizer, adapter_dir).as_dict()
         except Exception as err:  # an adapter PEFT cannot attach (target names that match nothing, no weights)
             return applied.AdapterCheck(False, f"{ref}: cannot load the adapter: {err.__class__.__name__}: "
