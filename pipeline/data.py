@@ -18,9 +18,12 @@ from typing import Any, Sequence
 
 import torch
 
+from pipeline import chat
 from pipeline.config import (
     ALPACA_PROMPT,
+    CHAT_FORMATS,
     DATA_TO_TEXT_PROMPT,
+    ChatData,
     ClassificationData,
     ConfigError,
     DataToTextData,
@@ -28,7 +31,8 @@ from pipeline.config import (
 )
 
 IGNORE_INDEX = -100
-DataSpec = ClassificationData | InstructionData | DataToTextData
+DataSpec = ClassificationData | InstructionData | DataToTextData | ChatData
+CausalSpec = InstructionData | DataToTextData | ChatData
 
 
 def required_columns(spec: DataSpec) -> dict[str, type | tuple[type, ...]]:
@@ -46,6 +50,8 @@ def required_columns(spec: DataSpec) -> dict[str, type | tuple[type, ...]]:
             return cols
         case DataToTextData():
             return {spec.source_field: str, spec.target_field: str}
+        case ChatData():
+            return {}  # the conversation column depends on the format: check_chat_rows
     raise TypeError(f"unknown data spec {spec!r}")
 
 
@@ -95,6 +101,8 @@ def check_rows(rows: list[dict[str, Any]], spec: DataSpec, split: str, path: Pat
     where = f"data.{split}_path ({path})"
     if not rows:
         return [f"{where}: the file has no rows; point it at a non-empty dataset"]
+    if isinstance(spec, ChatData):
+        return chat.check_rows(rows, spec, where)
     problems = []
     present = set(rows[0])
     for column, kinds in required_columns(spec).items():
@@ -155,6 +163,11 @@ def load_split(spec: DataSpec, split: str, seed: int = 0) -> list[dict[str, Any]
     if problems:
         raise ConfigError(problems)
     limit = spec.max_train_examples if split == "train" else spec.max_eval_examples
+    if (span := spec.train_rows if split == "train" else spec.eval_rows) is not None:
+        if span[1] > len(rows):
+            raise ConfigError([f"data.{split}_rows: [{span[0]}, {span[1]}) reaches past the {len(rows)} rows of "
+                               f"{path}; end it at {len(rows)} or less"])
+        rows = rows[span[0]:span[1]]
     if limit is not None and limit < len(rows):
         # a seeded random subset, not the head: GLUE files are ordered
         rows = random.Random(seed).sample(rows, limit)
@@ -168,9 +181,19 @@ class Example:
     untruncated_length: int
 
 
-def uses_chat_template(spec: InstructionData | DataToTextData, tokenizer: Any) -> bool:
-    """Prompts go through the tokenizer's chat template when it has one and the config gives no template."""
+def uses_chat_template(spec: CausalSpec, tokenizer: Any) -> bool:
+    """Prompts go through the tokenizer's chat template when it has one and the config gives no template
+    (conversations always do: their prompt_template is itself a chat template)."""
+    if isinstance(spec, ChatData):
+        return True
     return spec.prompt_template is None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def conversation(spec: ChatData, row: dict[str, Any]) -> list[dict[str, str]]:
+    """A checked row's messages as [{role, content}] (roles system, user, assistant)."""
+    fmt = chat.detect_format(spec, row)
+    assert fmt is not None, "rows are checked before use"
+    return chat.messages_of(spec, fmt, row)
 
 
 def _instruction_and_input(spec: InstructionData, row: dict[str, Any]) -> tuple[str, str]:
@@ -205,12 +228,21 @@ def prompt_text(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> 
     raise TypeError(f"not a causal task: {spec!r}")
 
 
-def prompt_ids(spec: InstructionData | DataToTextData, row: dict[str, Any], tokenizer: Any) -> list[int]:
-    """Token ids of the prompt the model answers, the same in training and in generation."""
+def prompt_ids(spec: CausalSpec, row: dict[str, Any], tokenizer: Any) -> list[int]:
+    """Token ids of the prompt the model answers, the same in training and in generation (a conversation:
+    every turn before its last assistant turn, with the generation prompt)."""
+    if isinstance(spec, ChatData):
+        return reply_prompt_ids(spec, chat.prompt_messages(conversation(spec, row)), tokenizer)
     if uses_chat_template(spec, tokenizer):
         messages = [{"role": "user", "content": _user_message(spec, row)}]
         return chat_ids(tokenizer, messages)
     return list(tokenizer(prompt_text(spec, row), add_special_tokens=True)["input_ids"])
+
+
+def reply_prompt_ids(spec: ChatData, messages: list[dict[str, str]], tokenizer: Any) -> list[int]:
+    """A conversation ([{role, content}], OpenAI roles) rendered with the assistant's turn opened, as trained."""
+    text = chat.render(spec, tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages], True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -219,8 +251,13 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def target_text(spec: InstructionData | DataToTextData, row: dict[str, Any]) -> str:
-    return row[spec.response_field] if isinstance(spec, InstructionData) else row[spec.target_field]
+def target_text(spec: CausalSpec, row: dict[str, Any]) -> str:
+    match spec:
+        case InstructionData():
+            return row[spec.response_field]
+        case ChatData():
+            return chat.reply(conversation(spec, row))
+    return row[spec.target_field]
 
 
 def tokenize_rows(spec: DataSpec, rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[Example]:
@@ -234,6 +271,18 @@ def tokenize_rows(spec: DataSpec, rows: Sequence[dict[str, Any]], tokenizer: Any
         for row, ids in zip(rows, encoded):
             examples.append(Example(ids[: max_len - 1] + ids[-1:] if len(ids) > max_len else ids,
                                     int(row[spec.label_field]), len(ids)))
+        return examples
+    if isinstance(spec, ChatData):
+        if not chat.has_template(spec, tokenizer):
+            raise ConfigError([f"data.prompt_template: the tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')} "
+                               "has no chat template; give a Jinja chat template (Hugging Face's format)"])
+        for index, row in enumerate(rows):
+            try:
+                tokens = chat.tokenize(spec, tokenizer, conversation(spec, row))
+            except chat.TemplateError as err:
+                raise ConfigError([f"data: row {index}: {err}"]) from None
+            ids, labels = chat.truncate(tokens, max_len)
+            examples.append(Example(ids, labels, len(tokens.input_ids)))
         return examples
     eos = tokenizer.eos_token or ""
     for row in rows:

@@ -100,14 +100,24 @@ def check_data(config: ExperimentConfig) -> tuple[list[str], DataSummary | None]
             f"data.max_seq_len={spec.max_seq_len} exceeds the model's max_position_embeddings={max_positions}; "
             f"set it to at most {max_positions}"
         )
-    examples = data.tokenize_rows(spec, splits["train"], tokenizer)
+    try:
+        examples = data.tokenize_rows(spec, splits["train"], tokenizer)
+        data.tokenize_rows(spec, splits["eval"], tokenizer)
+    except ConfigError as err:
+        return problems + err.problems, None
     fraction = data.truncated_fraction(examples, spec.max_seq_len)
     if fraction > spec.max_truncated_fraction:
         longest = max(e.untruncated_length for e in examples)
+        cut = [i for i, e in enumerate(examples) if e.untruncated_length > spec.max_seq_len]
+        rows = f" (rows {', '.join(map(str, cut[:5]))}{', ...' if len(cut) > 5 else ''})" if spec.kind == "chat" else ""
         problems.append(
-            f"data.max_seq_len={spec.max_seq_len} truncates {fraction:.1%} of training rows (longest {longest} tokens), "
-            f"above data.max_truncated_fraction={spec.max_truncated_fraction:g}; raise max_seq_len or the threshold"
+            f"data.max_seq_len={spec.max_seq_len} truncates {fraction:.1%} of training rows{rows} (longest {longest} "
+            f"tokens), above data.max_truncated_fraction={spec.max_truncated_fraction:g}; raise max_seq_len or the "
+            "threshold"
         )
+    elif spec.kind == "chat" and fraction:
+        log.info("data.max_seq_len=%d cuts %.1f%% of conversations after their last whole assistant turn that fits",
+                 spec.max_seq_len, 100 * fraction)
     if not data.with_targets(examples):
         problems.append("data: after tokenization no training row has a target token; raise data.max_seq_len")
     return problems, DataSummary(len(splits["train"]), len(splits["eval"]), fraction)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import adapters, data, tracking
+from pipeline import adapters, chat, data, datafiles, tracking
 from pipeline.config import load_config
 from pipeline.evaluate import score_adapter_dir
 from pipeline.run import run_pipeline
@@ -40,9 +40,18 @@ def base_model_loss(config) -> float:
     return evaluate(model, examples, config, tokenizer.pad_token_id, torch.device("cpu"), 0, 1)["eval_loss"]
 
 
-@pytest.mark.parametrize("kind", ["instruction", "data_to_text"])
+# a chat template for the tiny Llama, whose tokenizer has none (SmolLM2's own is tested in test_chat.py)
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                      "</s>{% endif %}\n{% endfor %}{% if add_generation_prompt %}### assistant:\n{% endif %}")
+
+
+@pytest.mark.parametrize("kind", ["instruction", "data_to_text", "chat"])
 def test_causal_task_trains_registers_and_reloads(kind: str, tmp_path: Path, tiny_causal_model: Path, ray_local):
-    if kind == "instruction":
+    if kind == "chat":  # FastChat's identity conversations, one file split by row ranges
+        identity = datafiles.require("sharegpt_identity/dummy_conversation.json")
+        section = {"kind": "chat", "train_path": str(identity), "eval_path": str(identity),
+                   "train_rows": [0, 96], "eval_rows": [450, 474], "prompt_template": TINY_CHAT_TEMPLATE}
+    elif kind == "instruction":
         section = {"kind": "instruction",
                    "train_path": str(head_jsonl("alpaca/train.jsonl", tmp_path / "train.jsonl", 96)),
                    "eval_path": str(head_jsonl("alpaca/train.jsonl", tmp_path / "eval.jsonl", 24, start=1000)),
@@ -52,13 +61,21 @@ def test_causal_task_trains_registers_and_reloads(kind: str, tmp_path: Path, tin
                    "train_path": str(head_jsonl("e2e/train.jsonl", tmp_path / "train.jsonl", 96)),
                    "eval_path": str(head_jsonl("e2e/dev.jsonl", tmp_path / "eval.jsonl", 24))}
     raw = causal_config(tmp_path, tiny_causal_model, section, f"tiny-{kind}")
-    if kind == "data_to_text":
+    if kind == "chat":  # perplexity on the held-out conversations' assistant turns, in the eval stage
+        raw["eval"]["suites"] = ["perplexity"]
+    if kind != "instruction":
         # one trial: picking the best of several is the same for every data kind (the instruction case,
         # test_pipeline_e2e); what this case adds is the data kind's own training, registration and reload
         raw["sweep"]["parameters"] = {"lora.r": {"grid": [8]}}
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
     result = run_pipeline(config)
     assert len(result.sweep.trials) == (2 if kind == "instruction" else 1)
+    if kind == "chat":  # the eval stage's perplexity counts the held-out assistant turns' tokens, nothing else
+        scored = result.evaluation.results["suites"]["perplexity"]
+        tokenizer = adapters.load_tokenizer(config.model, config.data)
+        held_out = data.tokenize_rows(config.data, data.load_split(config.data, "eval"), tokenizer)
+        assert scored["candidate"]["tokens"] == sum(t != data.IGNORE_INDEX for e in held_out for t in e.labels)
+        assert scored["candidate"]["loss"] < scored["base"]["loss"] - 0.05
 
     client = tracking.client(config.tracking.tracking_uri)
     version = client.get_model_version_by_alias(f"tiny-{kind}-lora", "candidate")
@@ -80,7 +97,10 @@ def test_causal_task_trains_registers_and_reloads(kind: str, tmp_path: Path, tin
     from pipeline.registry import mlflow_model
 
     rows = data.load_split(config.data, "eval")[:3]
-    frame = pd.DataFrame([{c: r.get(c) or "" for c, _ in mlflow_model.input_columns(config)} for r in rows])
+    if kind == "chat":  # `messages`: each conversation before its last reply, OpenAI roles
+        frame = pd.DataFrame({"messages": [chat.prompt_messages(data.conversation(config.data, r)) for r in rows]})
+    else:
+        frame = pd.DataFrame([{c: r.get(c) or "" for c, _ in mlflow_model.input_columns(config)} for r in rows])
     with tracking.process_uri(config.tracking.tracking_uri):
         model = mlflow.pyfunc.load_model(f"models:/tiny-{kind}-lora@candidate")
         texts = model.predict(frame, params={"max_new_tokens": 8})["text"].tolist()

@@ -13,8 +13,8 @@ from `pipeline.config` as before the split (registered versions' `python_model.p
 """
 
 from pipeline.config.base import SAFE_NAME, ConfigError, StrictModel, is_uri
-from pipeline.config.data import (ALPACA_PROMPT, DATA_TO_TEXT_PROMPT, ClassificationData, DataSpec, DataToTextData,
-                                  InstructionData)
+from pipeline.config.data import (ALPACA_PROMPT, CHAT_FORMATS, DATA_TO_TEXT_PROMPT, ChatData, ClassificationData,
+                                  DataSpec, DataToTextData, InstructionData)
 from pipeline.config.eval import (JUDGE_SUITES, SUITES, SUITES_FOR_KIND, E2eNlgSuiteSpec, EvalSpec, GenerationSpec,
                                   LmEvalSuiteSpec, MtBenchSuiteSpec, SuiteName)
 from pipeline.config.experiment import PACK_SHARED_SECTIONS, PACKABLE_PATHS, ExperimentConfig
@@ -30,9 +30,9 @@ from pipeline.config.tracking import GateCondition, PromotionSpec, RegistrySpec,
 from pipeline.config.train import TrainSpec
 
 __all__ = [
-    "ALPACA_PROMPT", "DATA_TO_TEXT_PROMPT", "DOMAIN_KINDS", "JUDGE_SUITES", "LOCAL_JUDGE_MODEL", "MAX_CONFIG_BYTES",
+    "ALPACA_PROMPT", "CHAT_FORMATS", "DATA_TO_TEXT_PROMPT", "DOMAIN_KINDS", "JUDGE_SUITES", "LOCAL_JUDGE_MODEL", "MAX_CONFIG_BYTES",
     "MAX_YAML_NODES", "MT_BENCH_TEMPERATURES", "PACKABLE_PATHS", "PACK_SHARED_SECTIONS", "PKG_PREFIX", "SAFE_NAME",
-    "STRATEGY_KINDS", "SUITES", "SUITES_FOR_KIND", "TARGET_PRESET_NAMES", "AlphaRule", "AshaSpec", "ClassificationData",
+    "STRATEGY_KINDS", "SUITES", "SUITES_FOR_KIND", "TARGET_PRESET_NAMES", "AlphaRule", "AshaSpec", "ChatData", "ClassificationData",
     "ConfigError", "DataSpec", "DataToTextData", "E2eNlgSuiteSpec", "EvalSpec", "ExperimentConfig", "GateCondition",
     "GenerationSpec", "InstructionData", "JudgeSpec", "LmEvalSuiteSpec", "LoraSpec", "LoraStrategy", "ModelSpec",
     "MtBenchSuiteSpec", "ParamDomain", "PbtSpec", "PromotionSpec", "QloraStrategy", "QuantSpec", "RaySpec",

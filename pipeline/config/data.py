@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator
 
@@ -21,6 +21,17 @@ class _DataCommon(StrictModel):
     max_truncated_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail if more than this fraction of training rows would be truncated."
     )
+    train_rows: tuple[int, int] | None = Field(None, description=(
+        "Use rows [start, stop) of the training file (0-based, before max_train_examples): one file split into "
+        "train and eval by row ranges."))
+    eval_rows: tuple[int, int] | None = Field(None, description="Use rows [start, stop) of the evaluation file.")
+
+    @field_validator("train_rows", "eval_rows")
+    @classmethod
+    def _row_range(cls, rows: tuple[int, int] | None) -> tuple[int, int] | None:
+        if rows is not None and not 0 <= rows[0] < rows[1]:
+            raise ValueError(f"must be [start, stop) with 0 <= start < stop, got {list(rows)}")
+        return rows
 
     @field_validator("train_path", "eval_path")
     @classmethod
@@ -85,4 +96,30 @@ class DataToTextData(_DataCommon):
         return template
 
 
-DataSpec = Annotated[Union[ClassificationData, InstructionData, DataToTextData], Field(discriminator="kind")]
+# conversation layouts: the column a row keeps its messages in, each message's role and text keys, the roles
+CHAT_FORMATS: dict[str, dict[str, Any]] = {
+    "openai": {"column": "messages", "role": "role", "text": "content",
+               "roles": {"system": "system", "user": "user", "assistant": "assistant"}},
+    "sharegpt": {"column": "conversations", "role": "from", "text": "value",
+                 "roles": {"system": "system", "human": "user", "gpt": "assistant"}},
+}
+
+
+class ChatData(_DataCommon):
+    """Conversations for a causal LM (OpenAI `messages` or ShareGPT `conversations`): the loss covers the
+    assistant turns (with their end-of-turn token) and nothing of system or user turns."""
+
+    kind: Literal["chat"]
+    format: Literal["auto", "openai", "sharegpt"] = Field("auto", description=(
+        "openai: `messages` of {role: system|user|assistant, content}; sharegpt: `conversations` of "
+        "{from: system|human|gpt, value}; auto: the first row's column decides, and every row must match it."))
+    messages_field: str | None = Field(None, description=(
+        "Column with the conversation (default: messages for openai, conversations for sharegpt)."))
+    train_on: Literal["all_assistant", "last_assistant"] = Field("all_assistant", description=(
+        "Which assistant turns carry loss: every one, or only the last of each conversation."))
+    prompt_template: str | None = Field(None, description=(
+        "A Jinja chat template (Hugging Face's format: `messages` with role and content, `add_generation_prompt`) "
+        "for a tokenizer without one; default: the tokenizer's own chat template."))
+
+
+DataSpec = Annotated[Union[ClassificationData, InstructionData, DataToTextData, ChatData], Field(discriminator="kind")]

@@ -34,6 +34,7 @@ SUITES_FOR_KIND: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classification": (("classification",), ("classification",)),
     "instruction": (("perplexity",), ("perplexity", "lm_eval", "mt_bench", *JUDGE_SUITES)),
     "data_to_text": (("perplexity", "e2e_nlg"), ("perplexity", "e2e_nlg", "lm_eval")),
+    "chat": (("perplexity",), ("perplexity", "lm_eval", "mt_bench", *JUDGE_SUITES)),
 }
 
 

@@ -167,7 +167,7 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> list[Any]:
     """pydantic puts the discriminator value into the error location (`data.classification.x`); drop it."""
     parts = list(loc)
     if len(parts) >= 2 and parts[0] in ("data", "strategy") and isinstance(parts[1], str):
-        tags = {"data": ("classification", "instruction", "data_to_text"), "strategy": STRATEGY_KINDS}[parts[0]]
+        tags = {"data": ("classification", "instruction", "data_to_text", "chat"), "strategy": STRATEGY_KINDS}[parts[0]]
         if parts[1] in tags:
             del parts[1]
     return parts

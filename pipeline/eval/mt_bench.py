@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from pipeline import data, datafiles
-from pipeline.config import MT_BENCH_TEMPERATURES, ExperimentConfig, GenerationSpec, InstructionData
+from pipeline.config import MT_BENCH_TEMPERATURES, ChatData, ExperimentConfig, GenerationSpec, InstructionData
 from pipeline.eval import generation
 
 
@@ -80,14 +80,17 @@ class MtBenchSuite:
 
     @staticmethod
     def _prompt(config: ExperimentConfig, tokenizer: Any, turns: list[str], answers: list[str]) -> list[int]:
-        if getattr(tokenizer, "chat_template", None):
+        spec = config.data
+        if getattr(tokenizer, "chat_template", None) or isinstance(spec, ChatData):
             messages: list[dict[str, str]] = []
             for i, question in enumerate(turns):
                 messages.append({"role": "user", "content": question})
                 if i < len(answers):
                     messages.append({"role": "assistant", "content": answers[i]})
+            if isinstance(spec, ChatData):  # as the conversations were rendered in training
+                return data.reply_prompt_ids(spec, messages, tokenizer)
             return data.chat_ids(tokenizer, messages)
-        spec = config.data  # mt_bench fits data.kind instruction only
+        # mt_bench fits data.kinds instruction and chat only
         assert isinstance(spec, InstructionData)
         text = ""
         for i, question in enumerate(turns):

@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from pipeline import redact, tracking
+from pipeline import chat, data, redact, tracking
 from pipeline.tracking import ADAPTER_SUBPATH
 from pipeline.tracking_server import MODEL_DESCRIPTION
-from pipeline.config import ClassificationData, ExperimentConfig, InstructionData
+from pipeline.config import ChatData, ClassificationData, ExperimentConfig, InstructionData
 
 MODEL_NAME = "model"
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -36,6 +36,8 @@ def input_columns(config: ExperimentConfig) -> list[tuple[str, bool]]:
     spec = config.data
     if isinstance(spec, ClassificationData):
         return [(spec.text_field, True)] + ([(spec.text_pair_field, True)] if spec.text_pair_field else [])
+    if isinstance(spec, ChatData):
+        return [("messages", True)]
     if isinstance(spec, InstructionData):
         return [(spec.instruction_field, True)] + ([(spec.input_field, False)] if spec.input_field else [])
     return [(spec.source_field, True)]
@@ -45,7 +47,13 @@ def signature(config: ExperimentConfig) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema([ColSpec("string", name, required=required) for name, required in input_columns(config)])
+    if config.data.kind == "chat":
+        from mlflow.types.schema import Object, Property
+
+        message = Object([Property("role", "string"), Property("content", "string")])
+        inputs = Schema([ColSpec(Array(message), "messages")])
+    else:
+        inputs = Schema([ColSpec("string", name, required=required) for name, required in input_columns(config)])
     if isinstance(config.data, ClassificationData):
         return ModelSignature(inputs, Schema([ColSpec("long", "label"), ColSpec(Array("double"), "probabilities")]))
     decoding = config.eval.generation
@@ -57,6 +65,10 @@ def signature(config: ExperimentConfig) -> Any:
 
 def input_example(config: ExperimentConfig, rows: list[dict[str, Any]]) -> Any:
     import pandas as pd
+
+    spec = config.data
+    if isinstance(spec, ChatData):  # each conversation up to its last assistant turn: the model writes that turn
+        return pd.DataFrame({"messages": [chat.prompt_messages(data.conversation(spec, row)) for row in rows[:2]]})
 
     return pd.DataFrame([{name: str(row.get(name) or "") for name, _ in input_columns(config)} for row in rows[:2]])
 

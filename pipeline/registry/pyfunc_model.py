@@ -59,7 +59,10 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
             return pd.DataFrame({"label": probabilities.argmax(-1).tolist(), "probabilities": probabilities.tolist()})
         decoding = type(self.config.eval.generation).model_validate(
             {**self.config.eval.generation.model_dump(), **(params or {})})
-        prompts = [data.prompt_ids(spec, row, self.tokenizer) for row in rows]
+        if spec.kind == "chat":  # `messages`: the conversation so far, OpenAI roles; the reply is generated
+            prompts = [data.reply_prompt_ids(spec, list(row["messages"]), self.tokenizer) for row in rows]
+        else:
+            prompts = [data.prompt_ids(spec, row, self.tokenizer) for row in rows]
         return pd.DataFrame({"text": generate(self.model, self.tokenizer, prompts, decoding).texts})
 
 
