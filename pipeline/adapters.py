@@ -62,42 +62,60 @@ def load_base_model(model_spec: ModelSpec, data_spec: Any, dtype: torch.dtype = 
     )
 
 
+# BERT's feed-forward output is `layer.<i>.output.dense`, whose suffix `output.dense` the attention's
+# `attention.output.dense` shares: the mlp preset is a regular expression (PEFT full-matches a string target)
+_BERT_MLP = r".*\.layer\.\d+\.(intermediate|output)\.dense"
 _BERT = {"attention_qv": ["query", "value"], "attention_all": ["query", "key", "value", "attention.output.dense"],
-         "attention_mlp": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]}
+         "attention_mlp": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+         "mlp": _BERT_MLP}
 _LLAMA = {"attention_qv": ["q_proj", "v_proj"], "attention_all": ["q_proj", "k_proj", "v_proj", "o_proj"],
-          "attention_mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+          "attention_mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+          "mlp": ["gate_proj", "up_proj", "down_proj"]}
 _OPT = {"attention_qv": ["q_proj", "v_proj"], "attention_all": ["q_proj", "k_proj", "v_proj", "out_proj"],
-        "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
-# model_type -> preset -> module-name suffixes (GPT-2 fuses q, k, v into c_attn)
-TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+        "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "mlp": ["fc1", "fc2"]}
+# model_type -> preset -> module-name suffixes (GPT-2 fuses q, k, v into c_attn), or one regular expression
+TARGET_PRESETS: dict[str, dict[str, list[str] | str]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _BERT),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"), _LLAMA),
     "opt": _OPT,
     "distilbert": {"attention_qv": ["q_lin", "v_lin"], "attention_all": ["q_lin", "k_lin", "v_lin", "out_lin"],
-                   "attention_mlp": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]},
+                   "attention_mlp": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"], "mlp": ["lin1", "lin2"]},
     "gpt2": {"attention_qv": ["c_attn"], "attention_all": ["c_attn", "attn.c_proj"],
-             "attention_mlp": ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]},
+             "attention_mlp": ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "mlp": ["mlp.c_fc", "mlp.c_proj"]},
 }
 
 
 def resolve_targets(targets: list[str] | str, model_type: str) -> list[str] | str:
-    """A preset name -> this architecture's module names; `all_linear` or `[all-linear]` -> PEFT's "all-linear"."""
+    """A preset name -> this architecture's module names (or a regular expression PEFT full-matches);
+    `all_linear` or `[all-linear]` -> PEFT's "all-linear"."""
     if not isinstance(targets, str):
         return ALL_LINEAR if list(targets) == [ALL_LINEAR] else list(targets)
     if targets == "all_linear":
         return ALL_LINEAR
     presets = TARGET_PRESETS.get(model_type)
-    if presets is None:
+    if presets is None or targets not in presets:
         raise ValueError(
             f"lora.target_modules: preset {targets!r} is not defined for model type {model_type!r} "
             f"(known: {', '.join(sorted(TARGET_PRESETS))}); list module names instead"
         )
-    return list(presets[targets])
+    resolved = presets[targets]
+    return resolved if isinstance(resolved, str) else list(resolved)
 
 
 def _matches(module_name: str, target: str) -> bool:
     # PEFT's rule for a list of targets: exact name or a dotted suffix of it
     return module_name == target or module_name.endswith("." + target)
+
+
+def targets_match(module_name: str, targets: list[str] | str) -> bool:
+    """Whether resolved targets (a list of suffixes, all-linear, or a regular expression) take this module."""
+    import re
+
+    if targets == ALL_LINEAR:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(_matches(module_name, t) for t in targets)
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -106,9 +124,23 @@ def head_modules(model: nn.Module) -> list[str]:
     return [name for name in ("classifier", "score", "pooler") if name in names]
 
 
-def check_target_modules(model: nn.Module, targets: list[str], where: str = "lora.target_modules") -> list[str]:
-    """One problem per target that matches no module or only modules LoRA cannot wrap, with close matches."""
+def linear_leaves(model: nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or
+                   type(m).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")})
+
+
+def check_target_modules(model: nn.Module, targets: list[str] | str, where: str = "lora.target_modules") -> list[str]:
+    """One problem per target that matches no module or only modules LoRA cannot wrap, with close matches
+    (a string other than all-linear is a regular expression, full-matched as PEFT does)."""
+    import re
+
     modules = dict(model.named_modules())
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        if not any(re.fullmatch(targets, name) for name in modules):
+            return [f"{where}: the pattern {targets!r} matches no module of the model (linear layers: "
+                    f"{', '.join(linear_leaves(model))})"]
+        return []
+    targets = [targets] if isinstance(targets, str) else targets
     if targets == [ALL_LINEAR]:
         return []  # PEFT resolves it to every linear layer but the output head
     if ALL_LINEAR in targets:
@@ -135,7 +167,7 @@ def check_target_modules(model: nn.Module, targets: list[str], where: str = "lor
 
 
 def lora_config(lora_spec: LoraSpec, data_spec: Any, modules_to_save: list[str] | None, model_type: str) -> Any:
-    from peft import LoraConfig, TaskType
+    from peft import EvaConfig, LoraConfig, TaskType
 
     targets = resolve_targets(lora_spec.target_modules, model_type)
     return LoraConfig(
@@ -145,17 +177,35 @@ def lora_config(lora_spec: LoraSpec, data_spec: Any, modules_to_save: list[str] 
         target_modules=targets,
         modules_to_save=modules_to_save,
         use_rslora=lora_spec.use_rslora,
+        use_dora=lora_spec.use_dora,
+        init_lora_weights=True if lora_spec.init == "default" else lora_spec.init,
+        # rho 1: every layer keeps rank r (EVA may otherwise move rank between layers), so a checkpoint's shapes
+        # are the config's and a resumed run rebuilds the same model
+        eva_config=EvaConfig(rho=1.0) if lora_spec.init == "eva" else None,
         task_type=TaskType.SEQ_CLS if is_classification(data_spec) else TaskType.CAUSAL_LM,
     )
 
 
 def attach_lora(base_model: nn.Module, lora_spec: LoraSpec, data_spec: Any) -> nn.Module:
-    """Wrap `base_model` with LoRA; only the adapters (and the task head for classification) train."""
+    """Wrap `base_model` with LoRA; only the adapters (and the task head for classification) train.
+
+    An init that rewrites the base (pissa, olora) keeps its starting A and B on the model, so that
+    `save_adapter` can write an adapter for the original base."""
     from peft import get_peft_model
 
     model_type = getattr(base_model.config, "model_type", "")
-    return get_peft_model(base_model, lora_config(lora_spec, data_spec, modules_to_save(base_model, lora_spec, data_spec),
-                                                  model_type))
+    model = get_peft_model(base_model, lora_config(lora_spec, data_spec, modules_to_save(base_model, lora_spec, data_spec),
+                                                   model_type))
+    if lora_spec.rewrites_base:
+        model.loraforge_initial = {k: v.detach().clone() for k, v in get_peft_state(model).items()}
+    return model
+
+
+def eva_init(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """`lora.init: eva`: A from the SVD of each adapted layer's inputs on these training batches (PEFT)."""
+    from peft import initialize_lora_eva_weights
+
+    initialize_lora_eva_weights(unwrap(model), dataloader=batches, show_progress_bar=False)
 
 
 def modules_to_save(base_model: nn.Module, lora_spec: LoraSpec, data_spec: Any) -> list[str] | None:
@@ -178,20 +228,59 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_adapter(model: nn.Module, adapter_dir: Path, metadata: dict[str, Any]) -> Path:
-    """A standard PEFT folder (adapter_config.json + adapter_model.safetensors) plus loraforge.json."""
+    """A standard PEFT folder (adapter_config.json + adapter_model.safetensors) plus loraforge.json.
+
+    After an init that rewrote the base (pissa, olora) the folder holds PEFT's conversion, a rank-2r
+    adapter for the original base, and RESIDUAL_WEIGHTS the trained tensors as they sit on the rewritten
+    base (what a resumed run loads)."""
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    unwrap(model).save_pretrained(str(adapter_dir), safe_serialization=True)
+    peft_model = unwrap(model)
+    initial = getattr(peft_model, "loraforge_initial", None)
+    if initial is None:
+        peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    else:
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_state(peft_model).items()},
+                  str(adapter_dir / RESIDUAL_WEIGHTS))
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_initial(initial, Path(tmp) / "initial")
+            peft_model.save_pretrained(str(adapter_dir), safe_serialization=True,
+                                       path_initial_model_for_weight_conversion=str(Path(tmp) / "initial"))
     (adapter_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     return adapter_dir
 
 
+# the trained tensors of an adapter whose init rewrote the base, relative to that rewritten base
+RESIDUAL_WEIGHTS = "adapter_residual.safetensors"
+
+
+def get_peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unwrap(model))
+
+
+def _save_initial(initial: dict[str, torch.Tensor], folder: Path) -> None:
+    """The adapter as initialized, where PEFT's weight conversion reads it (PEFT writes its config beside it)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in initial.items()}, str(folder / ADAPTER_WEIGHTS))
+
+
 def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
-    """Put a saved adapter's tensors (LoRA + modules_to_save) back into a PEFT model with the same config."""
+    """Put a saved adapter's tensors (LoRA + modules_to_save) back into a PEFT model with the same config
+    (after a base-rewriting init: the tensors relative to the rewritten base)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    result = set_peft_model_state_dict(unwrap(model), load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
+    residual = Path(adapter_dir) / RESIDUAL_WEIGHTS
+    weights = residual if residual.is_file() else Path(adapter_dir) / ADAPTER_WEIGHTS
+    result = set_peft_model_state_dict(unwrap(model), load_file(str(weights)))
     missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     if missing:
         raise ValueError(f"adapter in {adapter_dir} lacks {len(missing)} trained tensors, e.g. {missing[0]}")

@@ -67,18 +67,18 @@ def check_targets(config: ExperimentConfig, trial_configs: list[ExperimentConfig
         try:
             resolved = adapters.resolve_targets(targets, model_type)
         except ValueError as err:
-            problems.append(str(err))
+            problems.append(f"{err} (its linear layers: {', '.join(adapters.linear_leaves(skeleton))})")
             continue
         if isinstance(targets, str):
             log.info("lora.target_modules preset %s -> %s for model type %s", targets, resolved, model_type)
-        problems += check_target_list(skeleton, [resolved] if isinstance(resolved, str) else resolved, where)
+        problems += check_target_list(skeleton, resolved, where)
         if cfg.lora.modules_to_save:
             problems += [p for p in adapters.check_target_modules(skeleton, cfg.lora.modules_to_save, "lora.modules_to_save")
                          if "matches no module" in p]
     return list(dict.fromkeys(problems))
 
 
-def check_target_list(skeleton: object, targets: list[str], where: str) -> list[str]:
+def check_target_list(skeleton: object, targets: list[str] | str, where: str) -> list[str]:
     return adapters.check_target_modules(skeleton, targets, where)
 
 

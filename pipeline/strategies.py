@@ -77,19 +77,36 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def torch_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     match name:
         case "adamw":
-            return torch.optim.AdamW(groups, lr=lr)
+            return torch.optim.AdamW
         case "paged_adamw_32bit":
             import bitsandbytes as bnb
 
-            return bnb.optim.PagedAdamW32bit(groups, lr=lr)
+            return bnb.optim.PagedAdamW32bit
         case "paged_adamw_8bit":
             import bitsandbytes as bnb
 
-            return bnb.optim.PagedAdamW8bit(groups, lr=lr)
+            return bnb.optim.PagedAdamW8bit
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def torch_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    return optimizer_class(name)(groups, lr=lr)
+
+
+def adapter_optimizer(model: nn.Module, config: ExperimentConfig, cls: type | None = None, **kwargs: Any) -> Any:
+    """The trainable parameters' optimizer: decay and no-decay groups at train.lr, or with `lora.loraplus_lr_ratio`
+    PEFT's LoRA+ groups (B and the 1-d parameters at ratio x train.lr)."""
+    train, ratio = config.train, config.lora.loraplus_lr_ratio
+    cls = cls or optimizer_class(train.optimizer)
+    if ratio is None:
+        return cls(_param_groups(model, train.weight_decay), lr=train.lr, **kwargs)
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(adapters.unwrap(model), cls, lr=train.lr, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=train.weight_decay, **kwargs)
 
 
 class _DataParallel:
@@ -101,8 +118,7 @@ class _DataParallel:
     def wrap(self, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        train = self.config.train
-        self.optimizer = torch_optimizer(train.optimizer, _param_groups(model, train.weight_decay), train.lr)
+        self.optimizer = adapter_optimizer(model, self.config)
         wrapped = model
         if self.worker.world_size > 1:
             device_ids = [self.worker.device] if self.worker.device.type == "cuda" else None
@@ -341,15 +357,13 @@ class Zero3Offload:
     def wrap(self, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
         import deepspeed
 
-        train = self.config.train
-        groups = _param_groups(model, train.weight_decay)
         if self.spec.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             oplocks.clear_build_locks()
-            optimizer = DeepSpeedCPUAdam(groups, lr=train.lr, adamw_mode=True)
+            optimizer = adapter_optimizer(model, self.config, DeepSpeedCPUAdam, adamw_mode=True)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=train.lr)
+            optimizer = adapter_optimizer(model, self.config, torch.optim.AdamW)
         ds_config = deepspeed_config(self.config, self.worker.world_size, self.precision)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False

@@ -25,6 +25,8 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import ExperimentConfig
 from pipeline.strategies import Worker, strategy_for
 
+EVA_BATCHES = 8  # training batches lora.init eva takes its SVD over (PEFT's EVA stops early once ranks converge)
+
 
 def _checkpoint_metadata(config: ExperimentConfig, trainable: int, world_size: int) -> dict[str, Any]:
     """What every checkpoint's loraforge.json says about the run (the step and metrics are added per checkpoint)."""
@@ -116,6 +118,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     peft_model = strategy.load_model()
     if resume_dir is not None:
         adapters.load_adapter_weights(peft_model, resume_dir)
+    elif config.lora.init == "eva":  # A from the SVD of the adapted layers' inputs on this rank's first batches
+        first = data.make_batches(lengths, train_spec.batch_size, shuffle=True, seed=train_spec.seed,
+                                  bucketing=train_spec.length_bucketing, rank=rank, world_size=world_size)[:EVA_BATCHES]
+        adapters.eva_init(peft_model, [{k: v.to(worker.device) for k, v in
+                                        data.collate([train_examples[i] for i in b], tokenizer.pad_token_id).items()}
+                                       for b in first])
     trainable, total = peft_model.get_nb_trainable_parameters()
     model, optimizer = strategy.wrap(peft_model)
     steps_per_epoch = data.steps_per_epoch(len(train_examples), train_spec.batch_size, train_spec.grad_accum, world_size)

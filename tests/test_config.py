@@ -280,3 +280,10 @@ def test_the_config_reference_is_generated_from_the_models_and_up_to_date():
     assert not [row for row in table_rows if row.rstrip().endswith("|  |")], "a key without a description"
     for key in ("`lora.alpha`", "`sweep.pack_size`", "`judge.api_key_env`", "`strategy.load_in_4bit.quant_type`"):
         assert any(row.startswith(f"| {key}") for row in table_rows), key
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(name: str):
+    config = load_config(REPO / "configs" / name, env={"LORAFORGE_DATA_ROOT": str(REPO / "data")})
+    if name == "chat_sweep.yaml":  # target preset x rsLoRA x lr
+        assert config.sweep.trial_count() == 12 and config.data.kind == "chat"

@@ -60,6 +60,25 @@ class ExperimentConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _lora_variants(self) -> "ExperimentConfig":
+        """Variants a strategy cannot run, refused before any worker."""
+        lora, kind = self.lora, self.strategy.kind
+        if kind == "zero3_offload":
+            if lora.use_dora:
+                raise ValueError("lora.use_dora under strategy zero3_offload: PEFT's DoRA reads each adapted layer's "
+                                 "whole base weight in every forward, which ZeRO-3 keeps partitioned; use strategy "
+                                 "lora or qlora (PEFT runs DoRA on 4-bit bases)")
+            if lora.init == "eva" or lora.rewrites_base:
+                raise ValueError(f"lora.init {lora.init} under strategy zero3_offload: it reads the whole base weights "
+                                 "(or their inputs) at initialization, which ZeRO-3 keeps partitioned; use strategy "
+                                 "lora, or lora.init default, gaussian or orthogonal")
+        if kind == "qlora" and lora.rewrites_base:
+            raise ValueError(f"lora.init {lora.init} with strategy qlora: it rewrites the base weights, which are 4-bit "
+                             "here (PEFT runs PiSSA and OLoRA on full-precision weights); use strategy lora, or "
+                             "lora.init default, gaussian, orthogonal or eva")
+        return self
+
+    @model_validator(mode="after")
     def _packing(self) -> "ExperimentConfig":
         """An explicit pack_size > 1 where packing cannot run (auto falls back to 1 there)."""
         k = self.sweep.pack_size
@@ -71,6 +90,9 @@ class ExperimentConfig(StrictModel):
         if self.train.num_workers > 1:
             raise ValueError(f"sweep.pack_size: {k} with train.num_workers={self.train.num_workers}; a pack trains on "
                              "one worker (one device) for now: set num_workers: 1, or pack_size: 1")
+        if reason := self.lora.packs_apart:
+            raise ValueError(f"sweep.pack_size: {k} but {reason}; such configs train one per trial: set pack_size: auto "
+                             "or 1")
         mixed = sorted(path for path in self.sweep.parameters if path.split(".", 1)[0] in PACK_SHARED_SECTIONS)
         if mixed:
             raise ValueError(f"sweep.pack_size: {k} but sweep.parameters varies {', '.join(mixed)}; a pack shares one "

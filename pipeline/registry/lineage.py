@@ -129,6 +129,8 @@ def version_tags(config: ExperimentConfig, base: dict[str, str], records: list[d
         "loraforge.strategy": config.strategy.kind, "loraforge.lora.r": str(config.lora.r),
         "loraforge.lora.alpha": str(config.lora.alpha), "loraforge.lora.target_modules":
             "+".join(targets) if isinstance(targets, list) else str(targets),
+        "loraforge.lora.use_rslora": str(config.lora.use_rslora), "loraforge.lora.use_dora": str(config.lora.use_dora),
+        "loraforge.lora.init": config.lora.init, "loraforge.lora.loraplus_lr_ratio": str(config.lora.loraplus_lr_ratio),
         "loraforge.train.lr": repr(config.train.lr),
         "loraforge.sweep_run_id": sweep_run_id, "loraforge.trial_id": trial_id, "loraforge.trial_run_id": trial_run_id,
         "loraforge.experiment": config.name,

@@ -16,6 +16,7 @@ refused with the numbers. tests/test_pack.py checks the estimate against measure
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.config import PACKABLE_PATHS, ConfigError, ExperimentConfig
 from pipeline.sweep.space import grid_points, tune_domain
 
 GiB = 1024**3
+log = logging.getLogger("loraforge")
 
 
 def packable(path: str) -> bool:
@@ -82,9 +84,10 @@ def estimate(configs: list[ExperimentConfig]) -> Estimate:
         for name, module in modules.items():
             if not isinstance(module, nn.Linear) or name.split(".")[0] in heads:
                 continue
-            hit = targets == adapters.ALL_LINEAR or any(adapters._matches(name, t) for t in targets)
-            if hit:
+            if adapters.targets_match(name, targets):
+                # A and B; DoRA adds a magnitude per output feature
                 lora_params += config.lora.r * (module.in_features + module.out_features)
+                lora_params += module.out_features if config.lora.use_dora else 0
         saved = adapters.modules_to_save(skeleton, config.lora, config.data) or []
         saved_params = sum(p.numel() for n, m in modules.items() if n and n.rsplit(".", 1)[-1] in saved
                            and n.count(".") <= 1 for p in m.parameters())
@@ -186,6 +189,11 @@ def plan(config: ExperimentConfig, resources: Any) -> PackPlan | None:
     if why_not_packed(config) is not None:
         return None
     points = sample_points(config)
+    apart = {reason for p in points if (reason := config.trial_config(p).lora.packs_apart)}
+    if apart:
+        # pipeline.pack's routed layers and per-config optimizers run plain LoRA; such configs train one per trial
+        log.info("sweep.pack_size %s: one config per trial, since %s", config.sweep.pack_size, "; ".join(sorted(apart)))
+        return None
     groups: dict[str, list[dict[str, Any]]] = {}
     for point in points:
         key = json.dumps({p: v for p, v in point.items() if not packable(p)}, sort_keys=True, default=str)
