@@ -21,7 +21,6 @@ import torch
 from pipeline import chat
 from pipeline.config import (
     ALPACA_PROMPT,
-    CHAT_FORMATS,
     DATA_TO_TEXT_PROMPT,
     ChatData,
     ClassificationData,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import adapters, data
+from pipeline import adapters
 from pipeline.config import load_config
 from tests.support.configs import minilm_config, write_yaml
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
 
 from pipeline import data
 from pipeline.config import DataToTextData, InstructionData
-from tests.support.configs import head_jsonl
 
 
 def test_make_batches_covers_every_index_once_and_buckets_by_length():

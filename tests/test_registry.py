@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from pipeline.config import load_config
 from tests.support.configs import PLANTED_JUDGE_KEY, PLANTED_SECRETS, PLANTED_URL_PASSWORD
 
 pytestmark = pytest.mark.slow
