@@ -50,7 +50,7 @@ def required_columns(spec: DataSpec) -> dict[str, type | tuple[type, ...]]:
         case DataToTextData():
             return {spec.source_field: str, spec.target_field: str}
         case ChatData():
-            return {}  # the conversation column depends on the format: check_chat_rows
+            return {}  # the conversation column depends on the layout: chat.check_rows
     raise TypeError(f"unknown data spec {spec!r}")
 
 

@@ -61,14 +61,16 @@ def test_causal_task_trains_registers_and_reloads(kind: str, tmp_path: Path, tin
                    "train_path": str(head_jsonl("e2e/train.jsonl", tmp_path / "train.jsonl", 96)),
                    "eval_path": str(head_jsonl("e2e/dev.jsonl", tmp_path / "eval.jsonl", 24))}
     raw = causal_config(tmp_path, tiny_causal_model, section, f"tiny-{kind}")
-    if kind == "chat":  # perplexity on the held-out conversations' assistant turns, in the eval stage
-        raw["eval"]["suites"] = ["perplexity"]
+    if kind == "chat":  # perplexity on the held-out conversations' assistant turns, and replies, in the eval stage
+        raw["eval"].update({"suites": ["perplexity", "replies"],
+                            "replies": {"prompts": ["Who are you?"], "max_conversations": 4,
+                                        "generation": {"max_new_tokens": 8}}})
     if kind != "instruction":
         # one trial: picking the best of several is the same for every data kind (the instruction case,
         # test_pipeline_e2e); what this case adds is the data kind's own training, registration and reload
         raw["sweep"]["parameters"] = {"lora.r": {"grid": [8]}}
     config = load_config(write_yaml(tmp_path / "c.yaml", raw), env={})
-    result = run_pipeline(config)
+    result = run_pipeline(config, reports_dir=tmp_path / "reports")
     assert len(result.sweep.trials) == (2 if kind == "instruction" else 1)
     if kind == "chat":  # the eval stage's perplexity counts the held-out assistant turns' tokens, nothing else
         scored = result.evaluation.results["suites"]["perplexity"]
@@ -76,6 +78,13 @@ def test_causal_task_trains_registers_and_reloads(kind: str, tmp_path: Path, tin
         held_out = data.tokenize_rows(config.data, data.load_split(config.data, "eval"), tokenizer)
         assert scored["candidate"]["tokens"] == sum(t != data.IGNORE_INDEX for e in held_out for t in e.labels)
         assert scored["candidate"]["loss"] < scored["base"]["loss"] - 0.05
+        replies = result.evaluation.results["suites"]["replies"]
+        assert replies["candidate"]["replies"] == replies["base"]["replies"] == 5.0
+        assert 0.0 <= replies["candidate"]["reference_f1"] <= 1.0
+        asked = {it["model"]: it for it in result.evaluation.results["items"] if it["suite"] == "replies" and it["id"] == 0}
+        assert asked["candidate"]["prompt"] == "Who are you?" and asked["candidate"]["reference"] is None
+        [report] = (tmp_path / "reports").rglob("eval_report.md")
+        assert "## Replies" in report.read_text() and "| Who are you? |" in report.read_text()
 
     client = tracking.client(config.tracking.tracking_uri)
     version = client.get_model_version_by_alias(f"tiny-{kind}-lora", "candidate")
@@ -108,4 +117,8 @@ def test_causal_task_trains_registers_and_reloads(kind: str, tmp_path: Path, tin
     want = generate(peft_model, tokenizer, [data.prompt_ids(config.data, r, tokenizer) for r in rows],
                     config.eval.generation.model_copy(update={"max_new_tokens": 8})).texts
     assert texts == want and any(texts)
+    if kind == "chat":  # the stage's reply to "Who are you?" is the registered model's
+        who = model.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "Who are you?"}]]}),
+                            params={"max_new_tokens": 8})["text"][0]
+        assert who == asked["candidate"]["reply"]
     assert model.metadata.get_params_schema().to_dict()[0]["name"] == "max_new_tokens"

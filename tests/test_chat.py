@@ -226,3 +226,12 @@ def test_loraforge_run_exits_2_on_a_bad_conversation_before_any_worker(tmp_path:
     assert "row 1: message 1 is user, expected assistant" in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert not (tmp_path / "ray").exists()
+
+
+def test_reply_token_f1_is_squads_answer_overlap():
+    from pipeline.eval.replies import token_f1
+
+    assert token_f1("I am Vicuna.", "I am Vicuna") == 1.0
+    assert token_f1("The Vicuna model", "vicuna") == pytest.approx(2 * (1 / 2) * 1 / (1 / 2 + 1))  # 'the' dropped
+    assert token_f1("I am SmolLM", "I am Vicuna, made by LMSYS") == pytest.approx(2 * (2 / 3) * (2 / 6) / (2 / 3 + 2 / 6))
+    assert token_f1("", "") == 1.0 and token_f1("", "x") == 0.0 and token_f1("a b", "c d") == 0.0

@@ -25,16 +25,16 @@ class GenerationSpec(StrictModel):
 
 
 JUDGE_SUITES = ("judge_single", "judge_pairwise", "judge_side_by_side")  # graded by the LLM judge (`judge:`)
-SUITES = ("classification", "perplexity", "e2e_nlg", "lm_eval", "mt_bench", *JUDGE_SUITES)
-SuiteName = Literal["classification", "perplexity", "e2e_nlg", "lm_eval", "mt_bench", "judge_single", "judge_pairwise",
-                    "judge_side_by_side"]
+SUITES = ("classification", "perplexity", "e2e_nlg", "lm_eval", "mt_bench", "replies", *JUDGE_SUITES)
+SuiteName = Literal["classification", "perplexity", "e2e_nlg", "lm_eval", "mt_bench", "replies", "judge_single",
+                    "judge_pairwise", "judge_side_by_side"]
 # which suites fit which data kind; the default list is the first entry's suites
 SUITES_FOR_KIND: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # kind: (default suites, allowed suites)
     "classification": (("classification",), ("classification",)),
     "instruction": (("perplexity",), ("perplexity", "lm_eval", "mt_bench", *JUDGE_SUITES)),
     "data_to_text": (("perplexity", "e2e_nlg"), ("perplexity", "e2e_nlg", "lm_eval")),
-    "chat": (("perplexity",), ("perplexity", "lm_eval", "mt_bench", *JUDGE_SUITES)),
+    "chat": (("perplexity", "replies"), ("perplexity", "replies", "lm_eval", "mt_bench", *JUDGE_SUITES)),
 }
 
 
@@ -70,16 +70,27 @@ class MtBenchSuiteSpec(StrictModel):
     generation: GenerationSpec | None = Field(None, description="Decoding for this suite (default: eval.generation).")
 
 
+class RepliesSuiteSpec(StrictModel):
+    """`replies` (data.kind chat): each model's reply to these prompts and to held-out conversations."""
+
+    prompts: list[str] = Field(default_factory=list, description=(
+        "User turns, each asked as a new conversation (e.g. \"Who are you?\"); the report shows every model's reply."))
+    max_conversations: int = Field(16, ge=0, description=(
+        "Held-out conversations asked for their last assistant turn, scored against it by token F1."))
+    generation: GenerationSpec | None = Field(None, description="Decoding for this suite (default: eval.generation).")
+
+
 class EvalSpec(StrictModel):
     enabled: bool = Field(True, description="Evaluate the registered winner, loaded back from the registry.")
     batch_size: int = Field(64, gt=0, description="Examples per forward in the classification and perplexity suites.")
     suites: list[SuiteName] | None = Field(None, description=(
         "Benchmark suites the stage runs after the sweep (default by data.kind: classification; perplexity for "
-        "instruction data; perplexity and e2e_nlg for data-to-text)."))
+        "instruction data; perplexity and e2e_nlg for data-to-text; perplexity and replies for chat)."))
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     e2e_nlg: E2eNlgSuiteSpec = Field(default_factory=E2eNlgSuiteSpec)
     lm_eval: LmEvalSuiteSpec = Field(default_factory=LmEvalSuiteSpec)
     mt_bench: MtBenchSuiteSpec = Field(default_factory=MtBenchSuiteSpec)
+    replies: RepliesSuiteSpec = Field(default_factory=RepliesSuiteSpec)
     all_trials: bool = Field(False, description="Also score every finished trial's final adapter with the suites "
                              "(a rank study); the candidate and base are always scored.")
     shards: int = Field(1, gt=0, description="Ray tasks a generation suite's prompts are split over, per model.")

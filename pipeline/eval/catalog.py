@@ -9,7 +9,7 @@ kind: `pipeline.eval.judge.stage` runs them.
 from __future__ import annotations
 
 from pipeline.config import SUITES, SUITES_FOR_KIND, ConfigError, ExperimentConfig
-from pipeline.eval import classification, e2e_nlg, harness, mt_bench, perplexity
+from pipeline.eval import classification, e2e_nlg, harness, mt_bench, perplexity, replies
 from pipeline.eval.suite import Suite
 
 NAMES = SUITES
@@ -28,6 +28,8 @@ def get(name: str) -> Suite:
             return harness.SUITE
         case "mt_bench":
             return mt_bench.SUITE
+        case "replies":
+            return replies.SUITE
     raise KeyError(f"no benchmark suite named {name!r} (suites: {', '.join(NAMES)})")
 
 

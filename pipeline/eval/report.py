@@ -213,6 +213,10 @@ def markdown(results: dict[str, Any], pictures: list[str]) -> str:
         keys = list(dict.fromkeys(k for r in trials for k in r))
         lines += ["## Every trial's adapter (the one its MLflow run logged)", "",
                   render.markdown_table([{k: _fmt(r.get(k)) for k in keys} for r in trials]), ""]
+    replies = replies_rows(results)
+    if replies:
+        lines += ["## Replies", "", "Each model's reply in the chat template (`replies`; a held-out conversation's real "
+                  "reply beside it).", "", render.markdown_table(replies), ""]
     if "judge" in results:
         lines += ["## The judge", "", judge_line(results["judge"]) + ".", "",
                   "Means are over scored items only; `unparseable` (no valid rating after the re-asks) and `failed` "
@@ -222,6 +226,22 @@ def markdown(results: dict[str, Any], pictures: list[str]) -> str:
         label = failure_label(key)
         lines += [f"**{label[0].upper()}{label[1:]} failed:** {why}", ""]
     return "\n".join(lines + pictures) + "\n"
+
+
+def replies_rows(results: dict[str, Any], width: int = 160) -> list[dict[str, str]]:
+    """One row per `replies` item: the last user turn, every model's reply, the reference (cut to `width`)."""
+    def cell(text: str | None) -> str:
+        text = " ".join((text or "").split()).replace("|", "\\|")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    items = [it for it in results.get("items", []) if it["suite"] == "replies"]
+    roles = roles_of(dict.fromkeys(it["model"] for it in items))
+    rows: dict[int, dict[str, str]] = {}
+    for it in items:
+        row = rows.setdefault(it["id"], {"prompt": cell(it["prompt"]), **dict.fromkeys(roles, ""), "reference": ""})
+        row[it["model"]] = cell(it["reply"])
+        row["reference"] = cell(it.get("reference")) or "-"
+    return [rows[i] for i in sorted(rows)]
 
 
 def write_report(results: dict[str, Any], out: Path) -> Path:
