@@ -244,3 +244,18 @@ def test_variants_sweep_through_ray_register_and_reload_with_plain_peft(tmp_path
     assert saved["r"] == (2 * config.lora.r if result.sweep.best.sampled["lora.init"] == "olora" else config.lora.r)
     # plain PEFT on the untouched base scores what the sweep's own evaluation scored
     assert score_adapter_dir(folder, config)["eval_loss"] == pytest.approx(result.eval_metrics["eval_loss"], rel=1e-4)
+
+
+def test_the_trial_table_names_each_configs_variant(tmp_path: Path, tiny_causal_model: Path, tiny_rows: Path):
+    from pipeline.sweep.report import trial_rows
+    from pipeline.sweep.results import TrialSummary
+
+    config = tiny_config(tmp_path, tiny_causal_model, tiny_rows, {},
+                         sweep={"parameters": {"lora.use_rslora": {"grid": [False, True]},
+                                               "lora.init": {"grid": ["default", "pissa"]}}})
+    trials = [TrialSummary(f"t{i}", f"t{i}", {"lora.use_rslora": rs, "lora.init": init})
+              for i, (rs, init) in enumerate([(False, "default"), (True, "default"), (True, "pissa")])]
+    assert [row["variant"] for row in trial_rows(trials, config)] == ["-", "rslora", "rslora+init=pissa"]
+    plain = tiny_config(tmp_path, tiny_causal_model, tiny_rows, {"use_dora": True, "loraplus_lr_ratio": 16})
+    assert plain.lora.variant_label == "dora+lora+x16"
+    assert "variant" not in trial_rows(trials[:1], config)[0]  # plain LoRA throughout: no column

@@ -84,6 +84,16 @@ class LoraSpec(StrictModel):
         return self.init in BASE_REWRITING_INITS or self.init.startswith("pissa_niter_")
 
     @property
+    def variant_label(self) -> str:
+        """What this config adds to plain LoRA, for tables: e.g. `rslora+dora+init=pissa+lora+x16`; `-` for none."""
+        parts = ["rslora"] * self.use_rslora + ["dora"] * self.use_dora
+        if self.init != "default":
+            parts.append(f"init={self.init}")
+        if self.loraplus_lr_ratio is not None:
+            parts.append(f"lora+x{self.loraplus_lr_ratio:g}")
+        return "+".join(parts) or "-"
+
+    @property
     def packs_apart(self) -> str | None:
         """Why this config trains in a pack of its own (None: it can share a base with others)."""
         if self.rewrites_base:

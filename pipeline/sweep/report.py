@@ -20,6 +20,7 @@ def trial_rows(trials: list[TrialSummary], config: Any) -> list[dict[str, Any]]:
             "r": cfg.lora.r,
             "alpha": cfg.lora.effective_alpha,
             "targets": cfg.lora.targets_label,
+            "variant": cfg.lora.variant_label,
             "lr": cfg.train.lr,
             "seed": cfg.train.seed,
             "trainable": t.last_result.get("trainable_params"),
@@ -28,6 +29,9 @@ def trial_rows(trials: list[TrialSummary], config: Any) -> list[dict[str, Any]]:
             "wall_s": round(t.wall_s, 1),
             "status": t.status,
         })
+    if all(row["variant"] == "-" for row in rows):  # plain LoRA throughout: no column
+        for row in rows:
+            del row["variant"]
     return rows
 
 
