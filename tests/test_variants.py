@@ -259,3 +259,31 @@ def test_the_trial_table_names_each_configs_variant(tmp_path: Path, tiny_causal_
     plain = tiny_config(tmp_path, tiny_causal_model, tiny_rows, {"use_dora": True, "loraplus_lr_ratio": 16})
     assert plain.lora.variant_label == "dora+lora+x16"
     assert "variant" not in trial_rows(trials[:1], config)[0]  # plain LoRA throughout: no column
+
+
+def test_dora_trains_on_a_4bit_base_and_reloads_onto_it(tmp_path: Path, tiny_causal_model: Path, tiny_rows: Path):
+    """QDoRA: PEFT's DoRA on bitsandbytes NF4 layers (the magnitude from the dequantized weight), as qlora runs it."""
+    from peft import PeftModel
+
+    config = tiny_config(tmp_path, tiny_causal_model, tiny_rows, {"use_dora": True},
+                         strategy={"kind": "qlora", "compute_dtype": "float32"})
+    torch.manual_seed(0)
+    base = strategies.load_quantized_base(config, config.strategy, torch.device("cpu"))
+    model = adapters.attach_lora(base, config.lora, config.data)
+    assert any(type(m).__name__ == "Linear4bit" and hasattr(m, "lora_magnitude_vector") for m in model.modules())
+    chunks = batches(config)
+    optimizer = strategies.adapter_optimizer(model, config)
+    magnitude = next(p for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
+    before = magnitude.detach().clone()
+    model.train()
+    for step in range(3):
+        model(**chunks[step]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(before, magnitude.detach())  # the magnitude trains
+    model.eval()
+    expected = logits(model, chunks[0])
+    folder = adapters.save_adapter(model, tmp_path / "adapter", {"task": "instruction"})
+    fresh = strategies.load_quantized_base(config, config.strategy, torch.device("cpu"))
+    reloaded = PeftModel.from_pretrained(fresh, str(folder)).eval()
+    torch.testing.assert_close(logits(reloaded, chunks[0]), expected, rtol=1e-4, atol=1e-4)
