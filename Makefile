@@ -41,7 +41,7 @@ test-slow: test-data
 	$(PYTEST) -m slow --durations=30
 
 bench: venv
-	$(BIN)/loraforge data fetch sst2 e2e alpaca mt_bench
+	$(BIN)/loraforge data fetch sst2 e2e alpaca mt_bench sharegpt_identity
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b2_trial_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b5_tokens_per_s.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b6_memory_strategies.py
@@ -51,6 +51,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b13_tracking_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b14_registry_round_trip.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b15_cluster.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b16_one_load.py
 
 clean:
 	rm -rf $(VENV) loraforge_results mlruns.db mlartifacts reports

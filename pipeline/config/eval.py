@@ -94,6 +94,9 @@ class EvalSpec(StrictModel):
     all_trials: bool = Field(False, description="Also score every finished trial's final adapter with the suites "
                              "(a rank study); the candidate and base are always scored.")
     shards: int = Field(1, gt=0, description="Ray tasks a generation suite's prompts are split over, per model.")
+    one_load: bool = Field(True, description=(
+        "Score every model (candidate, base, champion, trials) on one base load per shard: the adapters attached "
+        "side by side (PEFT), the suite run for each in turn. false: one task and one base load per model."))
 
     def decoding(self, suite_name: str) -> GenerationSpec:
         """A generation suite's decoding: its own `eval.<suite>.generation`, else `eval.generation`."""

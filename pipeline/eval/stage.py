@@ -7,8 +7,9 @@
 3. check that each adapter applies (`applied.py`: LoRA layers attached, B not all zero, logits unlike the
    base's, merged equal to unmerged); a model whose adapter changes nothing is failed, never scored, and
    without the candidate there is nothing to score;
-4. per suite and model, Ray tasks with one trial worker's resources load the model from its
-   reference (the registry, a run, or a folder) and run it over a shard of the items;
+4. per suite, Ray tasks with one trial worker's resources load the base once per shard of the items,
+   attach every model's adapter beside the others (`eval.one_load`; or one task per model) and run
+   the suite over the shard for each model in turn;
 5. the driver scores the gathered outputs; a suite that fails is reported and the others go on;
 6. the results go to an MLflow evaluation run (metrics, per-item tables, the report), to the
    model version's tags, to `--json`, and to a terminal table.
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -23,7 +25,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline import adapters, atomic, cluster, data, redact, strategies, tracking
 from pipeline.config import JUDGE_SUITES, ConfigError, ExperimentConfig
@@ -179,6 +181,69 @@ def run_shard(config_dict: dict[str, Any], suite_name: str, ref: str | None, ite
     return out
 
 
+def load_models(config: ExperimentConfig, refs: list[str | None], workdir: Path) -> tuple[Any, Any, list[str | None]]:
+    """(model, tokenizer, adapter names): the base loaded once with every adapter of `refs` attached under its own
+    name (PEFT's multi-adapter model; None in `refs` is the base itself, its name None)."""
+    import torch
+
+    tokenizer = adapters.load_tokenizer(config.model, config.data)
+    device = torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
+    model = strategies.load_trained(config, None, device)
+    names: list[str | None] = []
+    for i, ref in enumerate(refs):
+        if ref is None:
+            names.append(None)
+            continue
+        folder = tracking.fetch_adapter(ref, config.tracking.tracking_uri, workdir / f"adapter{i}")
+        name = f"m{i}"
+        if not names or all(n is None for n in names):
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+        else:
+            model.load_adapter(str(folder), adapter_name=name)
+        names.append(name)
+    return model.eval(), tokenizer, names
+
+
+@contextlib.contextmanager
+def active(model: Any, name: str | None) -> Iterator[None]:
+    """`name`'s adapter alone is active (None: no adapter, the base)."""
+    if name is None:
+        with (model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()):
+            yield
+        return
+    model.set_adapter(name)
+    yield
+
+
+def run_shard_one_load(config_dict: dict[str, Any], suite_name: str, refs: list[str | None], items: list[dict[str, Any]],
+                       labels: list[str]) -> list[dict[str, Any]]:
+    """One task: the base loaded once with every adapter of `refs`, the suite run over one shard of its items for
+    each in turn (one output per ref, as `run_shard` gives for one model; the load time split evenly)."""
+    import torch
+    from tqdm import tqdm
+
+    config = ExperimentConfig.model_validate(config_dict)
+    torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
+    suite = catalog.get(suite_name)
+    outs = []
+    with tempfile.TemporaryDirectory(prefix="loraforge-eval-") as tmp:
+        began = time.perf_counter()
+        model, tokenizer, names = load_models(config, refs, Path(tmp))
+        load_s = (time.perf_counter() - began) / len(refs)
+        with tqdm(total=len(items) * len(refs), desc=f"{suite_name} {len(refs)} models, one load", mininterval=10,
+                  leave=False) as progress:
+            for name, label in zip(names, labels):
+                started = time.perf_counter()
+                with active(model, name):
+                    out = suite.outputs(config, model, tokenizer, items, progress)
+                out["load_seconds"] = load_s
+                out["seconds"] = time.perf_counter() - started + load_s
+                outs.append(out)
+    return outs
+
+
 def _shards(items: list[dict[str, Any]], count: int) -> list[list[dict[str, Any]]]:
     count = max(1, min(count, len(items)))
     return [items[i::count] for i in range(count)]
@@ -196,23 +261,32 @@ def _gather(config: ExperimentConfig, suite_name: str, models: list[EvalModel], 
     outputs: dict[str, dict[str, Any]] = {m.role: {"items": [], "gen_tokens": 0, "gen_seconds": 0.0, "seconds": 0.0}
                                           for m in models}
     train = config.train
-    task = ray.remote(num_cpus=train.cpus_per_worker, num_gpus=train.gpus_per_worker, max_retries=0)(run_shard)
-    pending = {task.remote(config_dict, suite_name, m.ref, shard, m.role): (m.role, len(shard))
-               for m in models for shard in shards}
+    options = {"num_cpus": train.cpus_per_worker, "num_gpus": train.gpus_per_worker, "max_retries": 0}
+    if config.eval.one_load and len(models) > 1:
+        # every model on one base load per shard: the adapters attached side by side, the suite run for each
+        task = ray.remote(**options)(run_shard_one_load)
+        roles = [m.role for m in models]
+        pending = {task.remote(config_dict, suite_name, [m.ref for m in models], shard, roles): (roles, len(shard))
+                   for shard in shards}
+    else:
+        task = ray.remote(**options)(run_shard)
+        pending = {task.remote(config_dict, suite_name, m.ref, shard, m.role): ([m.role], len(shard))
+                   for m in models for shard in shards}
     with tqdm(total=len(items) * len(models), desc=label or f"eval {suite_name}", unit="item") as progress:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            role, size = pending.pop(done[0])
-            out = ray.get(done[0])
-            merged = outputs[role]
-            for key, value in out.items():
-                if key == "items":
-                    merged["items"].extend(value)
-                elif isinstance(value, (int, float)) and key in merged:
-                    merged[key] += value
-                else:
-                    merged[key] = value
-            progress.update(size)
+            roles_done, size = pending.pop(done[0])
+            got = ray.get(done[0])
+            for role, out in zip(roles_done, got if isinstance(got, list) else [got]):
+                merged = outputs[role]
+                for key, value in out.items():
+                    if key == "items":
+                        merged["items"].extend(value)
+                    elif isinstance(value, (int, float)) and key in merged:
+                        merged[key] += value
+                    else:
+                        merged[key] = value
+                progress.update(size)
     for merged in outputs.values():
         merged["items"].sort(key=lambda it: str(it["id"]) if isinstance(it["id"], str) else f"{it['id']:09d}")
     return outputs
