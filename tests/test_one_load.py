@@ -16,6 +16,9 @@ from pipeline.config import load_config
 from pipeline.eval import stage
 from tests.support.configs import head_jsonl, minilm_config, write_yaml
 
+# single-process, but about 20 model loads: the slow lane keeps the fast one under 3 minutes
+pytestmark = pytest.mark.slow
+
 # (r, targets, variant fields): mixed ranks, target sets and variants
 ADAPTERS = [(4, "attention_qv", {}), (8, "mlp", {"use_dora": True}), (2, "attention_mlp", {"init": "pissa"})]
 
