@@ -8,7 +8,7 @@ the stage sorts them):
 - stage: `pipeline.eval.generation.generate`, what every generation suite calls;
 - bare: the tokenizer's left padding, `model.generate`, `batch_decode`, written out here.
 Arms alternate, `--rounds` times each after one warm-up of each; prints each arm's median and
-spread and the ratio of medians; asserts nothing. (Until 8dfe607 the stage's arm was timed inside
+spread and the ratio of medians; asserts nothing. (Until 3bc6f0e the stage's arm was timed inside
 `model.generate` only and the bare arm around everything, in file order: that leaned to the stage.)
 
     python bench/b10_generation.py [--instances 16] [--max-new-tokens 32] [--rounds 3]
