@@ -132,11 +132,9 @@ def linear_leaves(model: nn.Module) -> list[str]:
 def check_target_modules(model: nn.Module, targets: list[str] | str, where: str = "lora.target_modules") -> list[str]:
     """One problem per target that matches no module or only modules LoRA cannot wrap, with close matches
     (a string other than all-linear is a regular expression, full-matched as PEFT does)."""
-    import re
-
     modules = dict(model.named_modules())
     if isinstance(targets, str) and targets != ALL_LINEAR:
-        if not any(re.fullmatch(targets, name) for name in modules):
+        if not any(targets_match(name, targets) for name in modules):
             return [f"{where}: the pattern {targets!r} matches no module of the model (linear layers: "
                     f"{', '.join(linear_leaves(model))})"]
         return []
@@ -152,10 +150,8 @@ def check_target_modules(model: nn.Module, targets: list[str] | str, where: str 
         if not hits:
             close = difflib.get_close_matches(target, suffixes, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
-            problems.append(
-                f"{where}: {target!r} matches no module of the model{hint} (linear layers: {', '.join(leaves)})"
-            )
+            problems.append(f"{where}: {target!r} matches no module of the model{hint} (linear layers: "
+                            f"{', '.join(linear_leaves(model))})")
             continue
         unsupported = sorted({type(modules[h]).__name__ for h in hits} - set(SUPPORTED_TYPES))
         if unsupported and all(type(modules[h]).__name__ in unsupported for h in hits):

@@ -23,13 +23,15 @@ pytestmark = pytest.mark.slow
 ADAPTERS = [(4, "attention_qv", {}), (8, "mlp", {"use_dora": True}), (2, "attention_mlp", {"init": "pissa"})]
 
 
-def trained_adapters(config, root: Path, specs=ADAPTERS) -> list[str]:
-    """Adapter folders as training leaves them: attached, every trainable tensor moved, saved."""
+def trained_adapters(config, root: Path, specs=ADAPTERS, load_base=None) -> list[str]:
+    """Adapter folders as training leaves them: attached (to `load_base()`, default the full-precision base),
+    every trainable tensor moved, saved."""
+    load_base = load_base or (lambda: adapters.load_base_model(config.model, config.data))
     folders = []
     for i, (r, targets, extra) in enumerate(specs):
         lora = config.lora.model_copy(update={"r": r, "alpha": 2.0 * r, "target_modules": targets, **extra})
         torch.manual_seed(i)
-        model = adapters.attach_lora(adapters.load_base_model(config.model, config.data), lora, config.data)
+        model = adapters.attach_lora(load_base(), lora, config.data)
         with torch.no_grad():
             for param in model.parameters():
                 if param.requires_grad:
@@ -118,18 +120,8 @@ def test_one_load_on_a_4bit_base(tmp_path: Path, tiny_causal_model: Path):
 
     config = causal_config(tmp_path, tiny_causal_model, "instruction",
                            strategy={"kind": "qlora", "compute_dtype": "float32"})
-    folders = []
-    for i, (r, targets) in enumerate([(4, "attention_qv"), (8, "mlp")]):
-        lora = config.lora.model_copy(update={"r": r, "alpha": 2.0 * r, "target_modules": targets})
-        torch.manual_seed(i)
-        base = strategies.load_quantized_base(config, config.strategy, torch.device("cpu"))
-        model = adapters.attach_lora(base, lora, config.data)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(torch.randn_like(param) * 0.05)
-        folders.append(str(adapters.save_adapter(model, tmp_path / f"q{i}", {"task": "instruction"})))
-    refs = [None, *folders]
+    refs = [None, *trained_adapters(config, tmp_path, [(4, "attention_qv", {}), (8, "mlp", {})],
+                                    lambda: strategies.load_quantized_base(config, config.strategy, torch.device("cpu")))]
     items = catalog.get("perplexity").items(config)
     apart, together = one_at_a_time(config, "perplexity", refs, items), one_load(config, "perplexity", refs, items)
     for a, b in zip(apart, together):

@@ -118,15 +118,18 @@ def load_model(config: ExperimentConfig, ref: str | None, workdir: Path) -> tupl
     return model, tokenizer
 
 
-def _load(config: ExperimentConfig, ref: str | None, workdir: Path) -> tuple[Any, Any, Path | None]:
-    """`load_model`, and the adapter folder it fetched into `workdir` (None without `ref`)."""
+def _device(config: ExperimentConfig) -> Any:
+    """A task asking for a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); without one, the CPU."""
     import torch
 
+    return torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _load(config: ExperimentConfig, ref: str | None, workdir: Path) -> tuple[Any, Any, Path | None]:
+    """`load_model`, and the adapter folder it fetched into `workdir` (None without `ref`)."""
     tokenizer = adapters.load_tokenizer(config.model, config.data)
-    # a task asking for a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); without one, the CPU
-    device = torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
     adapter_dir = None if ref is None else tracking.fetch_adapter(ref, config.tracking.tracking_uri, workdir / "adapter")
-    return strategies.load_trained(config, adapter_dir, device), tokenizer, adapter_dir
+    return strategies.load_trained(config, adapter_dir, _device(config)), tokenizer, adapter_dir
 
 
 def check_adapter(config_dict: dict[str, Any], ref: str) -> dict[str, Any]:
@@ -184,11 +187,8 @@ def run_shard(config_dict: dict[str, Any], suite_name: str, ref: str | None, ite
 def load_models(config: ExperimentConfig, refs: list[str | None], workdir: Path) -> tuple[Any, Any, list[str | None]]:
     """(model, tokenizer, adapter names): the base loaded once with every adapter of `refs` attached under its own
     name (PEFT's multi-adapter model; None in `refs` is the base itself, its name None)."""
-    import torch
-
     tokenizer = adapters.load_tokenizer(config.model, config.data)
-    device = torch.device("cuda") if config.train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
-    model = strategies.load_trained(config, None, device)
+    model = strategies.load_trained(config, None, _device(config))
     names: list[str | None] = []
     for i, ref in enumerate(refs):
         if ref is None:
@@ -196,7 +196,7 @@ def load_models(config: ExperimentConfig, refs: list[str | None], workdir: Path)
             continue
         folder = tracking.fetch_adapter(ref, config.tracking.tracking_uri, workdir / f"adapter{i}")
         name = f"m{i}"
-        if not names or all(n is None for n in names):
+        if not any(names):  # the first adapter wraps the base; the others join it
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)

@@ -189,15 +189,18 @@ def plan(config: ExperimentConfig, resources: Any) -> PackPlan | None:
     if why_not_packed(config) is not None:
         return None
     points = sample_points(config)
-    apart = {reason for p in points if (reason := config.trial_config(p).lora.packs_apart)}
+    trial_configs = [config.trial_config(p) for p in points]  # validated once, for the reasons and the estimates
+    apart = {reason for c in trial_configs if (reason := c.lora.packs_apart)}
     if apart:
         # pipeline.pack's routed layers and per-config optimizers run plain LoRA; such configs train one per trial
         log.info("sweep.pack_size %s: one config per trial, since %s", config.sweep.pack_size, "; ".join(sorted(apart)))
         return None
     groups: dict[str, list[dict[str, Any]]] = {}
-    for point in points:
+    configs_of: dict[str, list[ExperimentConfig]] = {}
+    for point, trial_config in zip(points, trial_configs):
         key = json.dumps({p: v for p, v in point.items() if not packable(p)}, sort_keys=True, default=str)
         groups.setdefault(key, []).append(point)
+        configs_of.setdefault(key, []).append(trial_config)
     if max(len(g) for g in groups.values()) == 1 and config.sweep.pack_size == "auto":
         return None  # nothing to share
     train = config.train
@@ -208,8 +211,8 @@ def plan(config: ExperimentConfig, resources: Any) -> PackPlan | None:
     # balanced: every device gets about as many configs (64 configs on 8 GPUs: packs of 8)
     balance = math.ceil(len(points) / device_slots)
     lines, packs = [], []
-    for group in groups.values():
-        configs = [config.trial_config(p) for p in group]
+    for key, group in groups.items():
+        configs = configs_of[key]
         # the cores this group's packs will get (for their share of the RAM)
         n_packs = math.ceil(len(group) / max(1, min(balance, len(group))))
         cpus = train.cpus_per_worker if gpu else min(
