@@ -171,6 +171,7 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
     # ---- the loop
     model.model.train()
     micro_step, pad_id, eval_time = 0, tokenizer.pad_token_id, 0.0  # eval_time: since this worker group started
+    wall_started, tokens_at_start = time.perf_counter(), tokens_seen  # the wall clock, as in pipeline.train
     for epoch in range(step // steps_per_epoch, train_spec.epochs):
         batches = data.make_batches(lengths, train_spec.batch_size, shuffle=True, seed=train_spec.seed + epoch,
                                     bucketing=train_spec.length_bucketing, rank=0, world_size=1)
@@ -226,7 +227,8 @@ def train_pack_per_worker(loop_config: dict[str, Any]) -> None:
                         if member.live:
                             member.status, member.stopped_step = "DONE", step
                 counts = {"step": step, "epoch": step / steps_per_epoch, "train_time_s": loop_time,
-                          "eval_time_s": eval_time, "restarts": restarts, "tokens_seen": tokens_seen}
+                          "eval_time_s": eval_time, "restarts": restarts, "tokens_seen": tokens_seen,
+                          **trial_worker.wall_clock(wall_started, (tokens_seen - tokens_at_start) * len(metrics))}
                 _report(first, members, model, sweep, metrics, counts)
                 started = time.perf_counter()
         loop_time += time.perf_counter() - started

@@ -155,6 +155,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     # ---- the loop
     model.train()
     micro_step, eval_time = 0, 0.0  # eval_time: seconds in evaluations since this worker group started
+    # the wall clock over everything the loop does (evaluations, tracking, checkpoints, reports to Tune), since this
+    # worker group started: what a user waits for, where train_time_s counts the training steps only
+    wall_started, tokens_at_start = time.perf_counter(), tokens_seen
     window_loss, window_count = 0.0, 0
     pad_id = tokenizer.pad_token_id
     for epoch in range(step // steps_per_epoch, train_spec.epochs):
@@ -204,6 +207,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                     "eval_time_s": eval_time,
                     "step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0], "train_time_s": loop_time,
                     "tokens_per_s": tokens_seen * world_size / max(loop_time, 1e-9),
+                    **trial_worker.wall_clock(wall_started, (tokens_seen - tokens_at_start) * world_size),
                     "trainable_params": trainable, "worker_restarts": restarts, "worker_head_start_s": worker_head_start,
                 })
                 if metric_buffer is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,13 @@ def tag_resume(mlflow_client: Any, run_id: str, restarts: int, step: int, skippe
         mlflow_client.set_tag(run_id, "loraforge.ckpt_fallback", f"{where}{'; '.join(skipped)}"[:5000])
     if gone:
         mlflow_client.set_tag(run_id, "loraforge.ckpt_missing", ",".join(gone)[:5000])
+
+
+def wall_clock(started: float, tokens: int) -> dict[str, float]:
+    """`loop_wall_s`: seconds since `started` (perf_counter), everything the loop did included; `wall_tokens_per_s`:
+    `tokens` (trained since then, summed over workers or pack members) over them."""
+    wall = time.perf_counter() - started
+    return {"loop_wall_s": wall, "wall_tokens_per_s": tokens / max(wall, 1e-9)}
 
 
 class LineWriter:

@@ -43,6 +43,10 @@ def test_sweep_registers_winner_that_plain_peft_reloads(tmp_path: Path, sst2_sma
     assert counts[("2", "query+value")] < counts[("4", "query+value")]
 
     assert version.run_id == result.sweep.best.run_id and version.status == "READY"
+    # the wall clock covers the training steps, the evaluations and what the loop does around them
+    last = result.sweep.best.last_result
+    assert last["loop_wall_s"] > last["train_time_s"] + last["eval_time_s"] > 0
+    assert 0 < last["wall_tokens_per_s"] < last["tokens_per_s"]
     best_reported = result.sweep.best.best_metric
     assert result.eval_metrics["eval_accuracy"] == pytest.approx(best_reported, abs=1e-9)
     assert float(version.tags["eval.accuracy"]) == pytest.approx(best_reported, abs=1e-6)
