@@ -40,8 +40,14 @@ def experiment(tmp: Path, *, train_rows: int, eval_rows: int, steps_between_eval
     }
 
 
-def bare_peft_loop(config, steps: int) -> dict:
-    """The baseline: transformers + PEFT + AdamW in one process, same tokens and batches, no Ray, no MLflow."""
+def bare_peft_loop(config, steps: int, checkpoint_dir: Path | None = None) -> dict:
+    """The baseline: transformers + PEFT + AdamW in one process, same tokens and batches, no Ray, no MLflow.
+
+    With `checkpoint_dir` it also does what a trial does around its steps, at the same steps: every
+    `train.eval_every_steps` (and at the end) it scores the eval rows and writes the adapter (safetensors)
+    and the optimizer state. `seconds` then spans the first batch to the last checkpoint written;
+    `train_seconds` always counts the steps alone.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -59,23 +65,63 @@ def bare_peft_loop(config, steps: int) -> dict:
     batches = data.make_batches([len(e.input_ids) for e in examples], config.train.batch_size, shuffle=True,
                                 seed=0, bucketing=True)[:steps]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
+    eval_examples = data.tokenize_rows(config.data, data.load_split(config.data, "eval"), tokenizer)
     model.train()
-    tokens, started = 0, time.perf_counter()
-    for indices in batches:
+    tokens, train_seconds, evals, started = 0, 0.0, 0, time.perf_counter()
+    for step, indices in enumerate(batches, start=1):
+        step_started = time.perf_counter()
         batch = data.collate([examples[i] for i in indices], tokenizer.pad_token_id)
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         tokens += int(batch["attention_mask"].sum())
+        train_seconds += time.perf_counter() - step_started
+        if checkpoint_dir is not None and (step % config.train.eval_every_steps == 0 or step == len(batches)):
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for i in range(0, len(eval_examples), config.eval.batch_size):
+                    chunk = eval_examples[i:i + config.eval.batch_size]
+                    logits = model(**{k: v for k, v in data.collate(chunk, tokenizer.pad_token_id).items()
+                                      if k != "labels"}).logits
+                    correct += int((logits.argmax(-1) == torch.tensor([e.labels for e in chunk])).sum())
+            model.train()
+            out = checkpoint_dir / f"checkpoint_{step}"
+            model.save_pretrained(out)  # adapter_model.safetensors
+            torch.save(optimizer.state_dict(), out / "optimizer.pt")
+            evals += 1
     elapsed = time.perf_counter() - started
-    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed, "steps": len(batches)}
+    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed, "steps": len(batches), "evals": evals,
+            "train_tokens_per_s": tokens / train_seconds, "train_seconds": train_seconds}
 
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """'median M (min-max, n runs)': what a bench prints for each arm."""
+    return f"median {median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}}, {len(values)} runs)"
+
+
+def provenance() -> dict:
+    """Where a figure comes from: the commit (and whether the tree had uncommitted changes), the machine, the time."""
+    import platform
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "machine": platform.node(), "cpus": os.cpu_count(), "cpu_model": cpu,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def dump(name: str, payload: dict) -> None:
+    """bench/results/<name>.json: the figures with their provenance (kept in git for the figures the docs cite)."""
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.json").write_text(json.dumps({**provenance(), **payload}, indent=2))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -26,67 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, dump, experiment
+from _common import dump, experiment, median
+from _memory import base_bytes, peak_rss_mib, rss_now_mib
 
+MEASURED = ("peak_rss_mib", "rss_before_load_mib", "rss_after_load_mib", "rss_added_by_load_mib")
 CAUSAL = dict(vocab_size=2000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
               num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_now_mib() -> float:
-    """Resident memory right now (after gc): steady state, unlike the peak, which loading dominates."""
-    import gc
-
-    gc.collect()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def base_bytes(model) -> dict:
-    """Bytes the frozen base's weights take, per logical parameter: all of it, and its linear layers only."""
-    total_bytes = total_params = linear_bytes = linear_params = 0
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if "lora_" in module_name or "modules_to_save" in module_name:
-                continue  # the adapters and the trained head copies are not the base
-            state = getattr(param, "quant_state", None)
-            nbytes = param.numel() * param.element_size()
-            logical = param.numel()
-            if hasattr(param, "ds_tensor"):  # ZeRO-3: this worker holds only its partition
-                nbytes = param.ds_tensor.numel() * param.ds_tensor.element_size()
-                logical = param.ds_numel
-            elif state is not None:
-                logical = int(torch_prod(state.shape))
-                nbytes += state_bytes(state)
-            total_bytes += nbytes
-            total_params += logical
-            # the transformer's linear layers (the output head stays unquantized under QLoRA)
-            if type(module).__name__ in ("Linear", "Linear4bit") and name == "weight" and "lm_head" not in module_name:
-                linear_bytes += nbytes
-                linear_params += logical
-    return {"bytes_per_param": total_bytes / total_params, "linear_bytes_per_param": linear_bytes / linear_params,
-            "base_mib": total_bytes / 2**20, "base_params": total_params}
-
-
-def torch_prod(shape) -> int:
-    out = 1
-    for dim in shape:
-        out *= int(dim)
-    return out
-
-
-def state_bytes(state) -> int:
-    """absmax (8-bit with DQ) + the second-level constants and code books of a bitsandbytes QuantState."""
-    nbytes = state.absmax.numel() * state.absmax.element_size()
-    if state.nested:
-        nbytes += state.state2.absmax.numel() * state.state2.absmax.element_size()
-        nbytes += state.state2.code.numel() * state.state2.code.element_size()
-    return nbytes
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -105,7 +49,7 @@ def child_causal(kind: str, model_dir: str) -> dict:
         "data": {"kind": "data_to_text", "train_path": str(require("e2e/train.jsonl")),
                  "eval_path": str(require("e2e/dev.jsonl"))},
     })
-    before = peak_rss_mib()
+    before, before_now = peak_rss_mib(), rss_now_mib()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "bf16":
         model = adapters.load_base_model(config.model, config.data, dtype=torch.bfloat16).to(device)
@@ -113,7 +57,11 @@ def child_causal(kind: str, model_dir: str) -> dict:
         quant = QuantSpec(quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
         model = strategies.load_quantized_base(config, quant, device, dtype=torch.bfloat16)
     out = base_bytes(model)
-    out.update(peak_rss_mib=peak_rss_mib(), rss_before_load_mib=before, rss_after_load_mib=rss_now_mib())
+    after = rss_now_mib()
+    # measured: what loading the base added to the process's resident memory (the interpreter, torch and
+    # transformers were already there), and the peak over the load
+    out.update(peak_rss_mib=peak_rss_mib(), peak_rss_before_load_mib=before, rss_before_load_mib=before_now,
+               rss_after_load_mib=after, rss_added_by_load_mib=after - before_now)
     if device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -172,6 +120,7 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every arm (medians and spread)")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
@@ -189,35 +138,58 @@ def main() -> None:
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**CAUSAL)).save_pretrained(tmp / "causal", safe_serialization=True)
         (tmp / "causal" / "tokenizer_config.json").write_text("{}")
-        memory = {kind: collect(spawn(["causal", kind, str(tmp / "causal")])) for kind in ("bf16", "nf4_dq")}
+        memory_runs: dict[str, list[dict]] = {"bf16": [], "nf4_dq": []}
+        for round_ in range(args.rounds):
+            for kind in (list(memory_runs) if round_ % 2 == 0 else list(reversed(memory_runs))):
+                memory_runs[kind].append(collect(spawn(["causal", kind, str(tmp / "causal")])))
+        # the tensor bytes are the same every round; the measured memory is the median over the rounds
+        memory = {kind: {**rows[0], **{key: median([r[key] for r in rows]) for key in MEASURED}}
+                  for kind, rows in memory_runs.items()}
 
         # ---- Part B: step time per strategy on MiniLM + SST-2
         raw = experiment(tmp, train_rows=16 * (args.steps + 3) * 2, eval_rows=8, steps_between_evals=10**6)
         raw["train"]["batch_size"] = 16
-        runs = {}
-        for label, strategy, world in (("lora", {"kind": "lora"}, 1), ("qlora (nf4+dq, fp32 compute)",
-                                       {"kind": "qlora", "compute_dtype": "float32"}, 1),
-                                       ("qlora (nf4+dq, bf16 compute)", {"kind": "qlora"}, 1),
-                                       ("zero3_offload x1", {"kind": "zero3_offload"}, 1),
-                                       ("zero3_offload x2", {"kind": "zero3_offload"}, 2)):
-            config = json.dumps({**raw, "strategy": strategy})
-            port = str(free_port())
-            procs = [spawn(["train", config, str(rank), str(world), str(args.steps)],
-                           {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for rank in range(world)]
-            results = [collect(p) for p in procs]
-            runs[label] = {**results[0], "world": world, "rss_mib_all_workers": sum(r["rss_mib"] for r in results),
-                           "peak_rss_mib_all_workers": sum(r["peak_rss_mib"] for r in results)}
+        arms = (("lora", {"kind": "lora"}, 1), ("qlora (nf4+dq, fp32 compute)",
+                {"kind": "qlora", "compute_dtype": "float32"}, 1),
+                ("qlora (nf4+dq, bf16 compute)", {"kind": "qlora"}, 1),
+                ("zero3_offload x1", {"kind": "zero3_offload"}, 1),
+                ("zero3_offload x2", {"kind": "zero3_offload"}, 2))
+        step_runs: dict[str, list[dict]] = {label: [] for label, _, _ in arms}
+        for round_ in range(args.rounds):
+            for label, strategy, world in (arms if round_ % 2 == 0 else tuple(reversed(arms))):
+                config = json.dumps({**raw, "strategy": strategy})
+                port = str(free_port())
+                procs = [spawn(["train", config, str(rank), str(world), str(args.steps)],
+                               {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for rank in range(world)]
+                results = [collect(p) for p in procs]
+                step_runs[label].append({**results[0], "world": world,
+                                         "rss_mib_all_workers": sum(r["rss_mib"] for r in results),
+                                         "peak_rss_mib_all_workers": sum(r["peak_rss_mib"] for r in results)})
+        runs = {label: {**rows[0], "step_s_runs": [r["step_s"] for r in rows],
+                        **{key: median([r[key] for r in rows]) for key in ("step_s", "rss_mib_all_workers",
+                                                                          "peak_rss_mib_all_workers")}}
+                for label, rows in step_runs.items()}
 
     bf16, nf4 = memory["bf16"], memory["nf4_dq"]
     params = bf16["base_params"]
-    print(f"\nB6 part A: causal LM ({params / 1e6:.0f}M parameters), frozen base in bf16 vs NF4 + double quantization")
-    print(f"  {'base':<10} {'bytes/param':>12} {'linear bytes/param':>19} {'base MiB':>9} {'RSS after load':>15} {'peak RSS MiB':>13}")
+    print(f"\nB6 part A: causal LM ({params / 1e6:.0f}M parameters), frozen base in bf16 vs NF4 + double quantization, "
+          f"{args.rounds} alternating rounds (medians)")
+    print("  measured (process RSS, MiB):")
+    print(f"    {'base':<10} {'added by the load':>18} {'RSS after load':>15} {'peak RSS':>9}")
+    for label, kind in (("bf16", "bf16"), ("nf4+dq", "nf4_dq")):
+        added = [r["rss_added_by_load_mib"] for r in memory_runs[kind]]
+        print(f"    {label:<10} {memory[kind]['rss_added_by_load_mib']:>18.0f} {memory[kind]['rss_after_load_mib']:>15.0f} "
+              f"{memory[kind]['peak_rss_mib']:>9.0f}   (added: {', '.join(f'{a:.0f}' for a in added)})")
+    measured_ratio = nf4["rss_added_by_load_mib"] / bf16["rss_added_by_load_mib"]
+    print(f"    measured: RSS the NF4+DQ load added / RSS the bf16 load added: {measured_ratio:.3f}; "
+          f"whole-process RSS after load: {nf4['rss_after_load_mib'] / bf16['rss_after_load_mib']:.3f}")
+    print("    (the peak is the load: transformers reads the full-precision weights before quantizing them)")
+    print("  arithmetic (the weights' tensor bytes, quantization constants included; not a measurement of memory):")
+    print(f"    {'base':<10} {'bytes/param':>12} {'linear bytes/param':>19} {'base MiB':>9}")
     for label, row in (("bf16", bf16), ("nf4+dq", nf4)):
-        print(f"  {label:<10} {row['bytes_per_param']:>12.3f} {row['linear_bytes_per_param']:>19.3f} "
-              f"{row['base_mib']:>9.1f} {row['rss_after_load_mib']:>15.0f} {row['peak_rss_mib']:>13.0f}")
-    print("  (the peak is the load: transformers reads the full-precision weights before quantizing them)")
+        print(f"    {label:<10} {row['bytes_per_param']:>12.3f} {row['linear_bytes_per_param']:>19.3f} {row['base_mib']:>9.1f}")
     ratio = nf4["base_mib"] / bf16["base_mib"]
-    print(f"  QLoRA base bytes / bf16 base bytes: {ratio:.3f}   (target <= 0.3); linear layers only: "
+    print(f"    QLoRA base bytes / bf16 base bytes: {ratio:.3f}   (target <= 0.3); linear layers only: "
           f"{nf4['linear_bytes_per_param'] / bf16['linear_bytes_per_param']:.3f}")
     if "cuda_max_allocated_mib" in bf16:
         print(f"  torch.cuda.max_memory_allocated: bf16 {bf16['cuda_max_allocated_mib']:.0f} MiB, "
@@ -226,12 +198,15 @@ def main() -> None:
         print("  (no GPU here: torch.cuda.max_memory_allocated not measured)")
 
     base_step = runs["lora"]["step_s"]
-    print(f"\nB6 part B: MiniLM + SST-2, LoRA r=8 on query/value, batch 16 per process, 1 thread each, median of {args.steps} steps")
+    print(f"\nB6 part B: MiniLM + SST-2, LoRA r=8 on query/value, batch 16 per process, 1 thread each; step time: the "
+          f"median of {args.steps} steps in each run, then the median over {args.rounds} alternating runs (spread in the last column)")
     print(f"  {'strategy':<30} {'procs':>5} {'trainable':>10} {'base B/param/worker':>20} {'step s':>7} {'vs lora':>8} {'RSS MiB (all)':>14}")
     for label, row in runs.items():
         print(f"  {label:<30} {row['world']:>5} {row['trainable_params']:>10} {row['base_bytes_per_param_this_worker']:>20.3f} "
-              f"{row['step_s']:>7.3f} {row['step_s'] / base_step:>8.2f} {row['rss_mib_all_workers']:>14.0f}")
-    dump("b6", {"memory": memory, "runs": runs, "nf4_over_bf16": ratio})
+              f"{row['step_s']:>7.3f} {row['step_s'] / base_step:>8.2f} {row['rss_mib_all_workers']:>14.0f}   "
+              f"{min(row['step_s_runs']):.3f}-{max(row['step_s_runs']):.3f}")
+    dump("b6", {"rounds": args.rounds, "memory": memory, "memory_runs": memory_runs, "runs": runs, "step_runs": step_runs,
+                "nf4_over_bf16_tensor_bytes": ratio, "nf4_over_bf16_rss_added_by_load": measured_ratio})
 
 
 if __name__ == "__main__":
