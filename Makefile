@@ -43,15 +43,19 @@ test-slow: test-data
 bench: venv
 	$(BIN)/loraforge data fetch sst2 e2e alpaca mt_bench sharegpt_identity
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b2_trial_overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b4_double_quant.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b5_tokens_per_s.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b6_memory_strategies.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b8_trainer_parity.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b1_asha_vs_grid.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b10_generation.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b11_judge.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b12_packed_trials.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b13_tracking_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b14_registry_round_trip.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b15_cluster.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/b16_one_load.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/b16_routing.py
 
 # The GPU acceptance run (bench/gpu_check.py; docs/benchmarks.md): on a CUDA machine, with the venv built by
 # docker/install.sh from the CUDA index; elsewhere it says it skipped and exits 0.
