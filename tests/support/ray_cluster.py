@@ -46,9 +46,8 @@ def start_local_ray(*, hooks: bool = False, **env: str) -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    # as pipeline.cluster.connect_ray starts a local instance: its polling interval, and no preemption watcher
-    # (one more process per trial)
-    runtime_env: dict = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # no preemption watcher, as pipeline.cluster.connect_ray starts a local instance (one more process per trial)
+    runtime_env: dict = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                                       "HF_HUB_OFFLINE": "1", **env}}
     if hooks:
         runtime_env["env_vars"]["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # the repo root
