@@ -11,15 +11,43 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_mib() -> float:
+    """Resident memory right now, as it stands (cheap enough to sample every few milliseconds)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
 def rss_now_mib() -> float:
     """Resident memory right now (after gc): steady state, unlike the peak, which loading dominates."""
     import gc
 
     gc.collect()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return resident_mib()
+
+
+def causal_config(model_dir: str, name: str):
+    """A minimal causal-LM experiment on a saved model folder (the data only names files; nothing trains)."""
+    from pipeline.config import ExperimentConfig
+    from pipeline.datafiles import require
+
+    return ExperimentConfig.model_validate({
+        "name": name, "model": {"name_or_path": model_dir},
+        "data": {"kind": "data_to_text", "train_path": str(require("e2e/train.jsonl")),
+                 "eval_path": str(require("e2e/dev.jsonl"))},
+    })
+
+
+def load_frozen_base(config, kind: str, device):
+    """The frozen base through the product's loaders: `bf16`, or 4-bit NF4 (`nf4`) or NF4 + double
+    quantization (`nf4_dq`) with bf16 compute and bf16 for the layers left unquantized."""
+    import torch
+
+    from pipeline import adapters, strategies
+    from pipeline.config import QuantSpec
+
+    if kind == "bf16":
+        return adapters.load_base_model(config.model, config.data, dtype=torch.bfloat16).to(device)
+    quant = QuantSpec(quant_type="nf4", double_quant=kind == "nf4_dq", compute_dtype="bfloat16")
+    return strategies.load_quantized_base(config, quant, device, dtype=torch.bfloat16)
 
 
 def base_bytes(model) -> dict:

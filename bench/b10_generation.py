@@ -17,13 +17,11 @@ spread and the ratio of medians; asserts nothing. (Until 3bc6f0e the stage's arm
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 
-from _common import REPO, dump
+from _common import dump
 
 from pipeline import adapters, data
 from pipeline.config import ExperimentConfig
@@ -94,9 +92,7 @@ def main() -> None:
             print(f"{name:5s} median {statistics.median(values):6.1f} tok/s, spread {min(values):.1f}-{max(values):.1f}")
         ratio = statistics.median(rates["stage"]) / statistics.median(rates["bare"])
         print(f"B10 generation tokens/s, eval stage / bare model.generate: {ratio:.3f} (target >= 0.95)")
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-        dump("b10", {"commit": commit, "machine": platform.node(), "ratio": ratio, "bare_tok_s": rates["bare"],
+        dump("b10", {"ratio": ratio, "bare_tok_s": rates["bare"],
                      "stage_tok_s": rates["stage"], "instances": args.instances, "max_new_tokens": args.max_new_tokens,
                      "batch_size": args.batch_size, "rounds": args.rounds})
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -137,9 +135,7 @@ def main() -> None:
     for name in ("apart", "one_load"):
         print(f"  {name:9s} median {median(times[name]):7.1f} s  (runs: {', '.join(f'{t:.1f}' for t in times[name])})")
     print(f"  ratio one_load / apart: {together / apart:.3f} (target <= 0.4); outputs agree: {agree}")
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dump("b16_one_load", {"commit": commit, "machine": platform.node(), "cpus": 2, "args": vars(args),
+    dump("b16_one_load", {"args": vars(args),
                           "seconds": times, "median_apart_s": apart, "median_one_load_s": together,
                           "ratio": together / apart, "outputs_agree": agree})
 

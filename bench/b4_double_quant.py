@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from _common import dump, median
-from _memory import base_bytes, peak_rss_mib, rss_now_mib
+from _memory import base_bytes, causal_config, load_frozen_base, peak_rss_mib, resident_mib, rss_now_mib
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
              num_key_value_heads=12, max_position_embeddings=512)
@@ -46,10 +46,8 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        page_mib = 4096 / 2**20
         while not self._stop.is_set():
-            resident = int(Path("/proc/self/statm").read_text().split()[1]) * page_mib
-            self.peak = max(self.peak, resident)
+            self.peak = max(self.peak, resident_mib())
             time.sleep(self.every_s)
 
     def __enter__(self) -> "RssSampler":
@@ -65,24 +63,12 @@ def child(kind: str, model_dir: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import adapters, strategies
-    from pipeline.config import ExperimentConfig, QuantSpec
-    from pipeline.datafiles import require
-
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = ExperimentConfig.model_validate({
-        "name": "b4", "model": {"name_or_path": model_dir},
-        "data": {"kind": "data_to_text", "train_path": str(require("e2e/train.jsonl")),
-                 "eval_path": str(require("e2e/dev.jsonl"))},
-    })
+    config = causal_config(model_dir, "b4")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     before = rss_now_mib()
-    if kind == "bf16":
-        model = adapters.load_base_model(config.model, config.data, dtype=torch.bfloat16).to(device)
-    else:
-        quant = QuantSpec(quant_type="nf4", double_quant=kind == "nf4_dq", compute_dtype="bfloat16")
-        model = strategies.load_quantized_base(config, quant, device, dtype=torch.bfloat16)
+    model = load_frozen_base(config, kind, device)
     out = base_bytes(model)
     out.update(rss_before_load_mib=before, rss_added_by_load_mib=rss_now_mib() - before, peak_rss_load_mib=peak_rss_mib())
     if device.type == "cuda":
@@ -94,7 +80,7 @@ def child(kind: str, model_dir: str) -> dict:
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
-    out.update(peak_rss_step_mib=sampler.peak, step_added_mib=sampler.peak - before, loss=float(loss),
+    out.update(peak_rss_step_mib=sampler.peak, step_added_mib=sampler.peak - before, loss=float(loss.detach()),
                rss_after_step_added_mib=rss_now_mib() - before)
     if device.type == "cuda":
         out["cuda_max_allocated_step_mib"] = torch.cuda.max_memory_allocated() / 2**20

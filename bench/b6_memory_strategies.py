@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from _common import dump, experiment, median
-from _memory import base_bytes, peak_rss_mib, rss_now_mib
+from _memory import base_bytes, causal_config, load_frozen_base, peak_rss_mib, rss_now_mib
 
 MEASURED = ("peak_rss_mib", "rss_before_load_mib", "rss_after_load_mib", "rss_added_by_load_mib")
 CAUSAL = dict(vocab_size=2000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -39,23 +39,11 @@ CAUSAL = dict(vocab_size=2000, hidden_size=1024, intermediate_size=2816, num_hid
 def child_causal(kind: str, model_dir: str) -> dict:
     import torch
 
-    from pipeline import adapters, strategies
-    from pipeline.config import ExperimentConfig, QuantSpec
-    from pipeline.datafiles import require
-
     torch.set_num_threads(1)
-    config = ExperimentConfig.model_validate({
-        "name": "b6", "model": {"name_or_path": model_dir},
-        "data": {"kind": "data_to_text", "train_path": str(require("e2e/train.jsonl")),
-                 "eval_path": str(require("e2e/dev.jsonl"))},
-    })
+    config = causal_config(model_dir, "b6")
     before, before_now = peak_rss_mib(), rss_now_mib()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "bf16":
-        model = adapters.load_base_model(config.model, config.data, dtype=torch.bfloat16).to(device)
-    else:
-        quant = QuantSpec(quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
-        model = strategies.load_quantized_base(config, quant, device, dtype=torch.bfloat16)
+    model = load_frozen_base(config, kind, device)
     out = base_bytes(model)
     after = rss_now_mib()
     # measured: what loading the base added to the process's resident memory (the interpreter, torch and
