@@ -22,6 +22,8 @@ from pathlib import Path
 from _common import dump, median, spread
 from b16_one_load import ADAPTERS, configs, make_adapters
 
+from pipeline.eval.generation import new_text
+
 
 def row_nll(logits, labels):
     import torch
@@ -68,20 +70,13 @@ def generate(model, tokenizer, batch, names, mixed: bool, new_tokens: int) -> di
             big = {k: v.repeat(len(names), 1) for k, v in batch.items()}
             out = model.generate(**big, adapter_names=[n for n in names for _ in range(rows)], **kwargs)
             for i, name in enumerate(names):
-                texts[name] = [decode(tokenizer, r) for r in out[i * rows:(i + 1) * rows, width:]]
+                texts[name] = [new_text(tokenizer, r)[1] for r in out[i * rows:(i + 1) * rows, width:]]
         else:
             for name in names:
                 model.set_adapter(name)
                 out = model.generate(**batch, **kwargs)
-                texts[name] = [decode(tokenizer, r) for r in out[:, width:]]
+                texts[name] = [new_text(tokenizer, r)[1] for r in out[:, width:]]
     return texts
-
-
-def decode(tokenizer, row) -> str:
-    ids = row.tolist()
-    if tokenizer.eos_token_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def main() -> None:

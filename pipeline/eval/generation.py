@@ -60,6 +60,14 @@ def left_pad(batch: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def new_text(tokenizer: Any, row: torch.Tensor) -> tuple[int, str]:
+    """(tokens, text) of one row of newly generated ids: cut after the first EOS (the rest is padding)."""
+    ids = row.tolist()
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
+    return len(ids), tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], spec: GenerationSpec,
              *, progress: Any = None) -> Generated:
@@ -81,11 +89,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[
         result.seconds += time.perf_counter() - began
         new = output[:, batch["input_ids"].shape[1]:].cpu()
         for row, index in zip(new, chosen):
-            ids = row.tolist()
-            if tokenizer.eos_token_id in ids:  # the rest is padding
-                ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
-            counts[index] = len(ids)
-            texts[index] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            counts[index], texts[index] = new_text(tokenizer, row)
         if progress is not None:
             progress.update(len(chosen))
     result.new_tokens = sum(counts)
